@@ -1,0 +1,7 @@
+"""`python -m esd_lora` and `accelerate launch -m esd_lora train ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

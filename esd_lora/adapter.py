@@ -1,0 +1,144 @@
+"""Which UNet layers an erasure trains, and the adapter files it writes.
+
+Presets follow the ESD paper: `esd-x` trains cross-attention (prompt-specific erasure, for
+styles), `esd-u` everything else but the time embedding and output layers (prompt-independent,
+for nudity and objects). A selection that matches nothing is an error, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ADAPTER_NAME = "esd"
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights(folder) finds it
+CLASSIC_WEIGHTS_NAME = "esd_weights.safetensors"
+LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers reads the LoRA config (rank, alpha) from
+
+PRESETS: dict[str, str] = {
+    "esd-x": r".*attn2\.(to_q|to_k|to_v|to_out\.0)",
+    "esd-x-strict": r".*attn2\.(to_k|to_v)",
+    "esd-u": r"(?!.*attn2\.)(?!time_embedding\.)(?!add_embedding\.)(?!conv_out$).*",
+    "esd-all": r".*",
+}
+TRAINABLE_TYPES = (nn.Linear, nn.Conv2d)
+
+
+class TargetError(ValueError):
+    """A target preset, regex or list selected no layer, or named a layer that does not exist."""
+
+
+def select_modules(unet: nn.Module, targets: str | list[str]) -> list[str]:
+    """Full names of the Linear/Conv2d layers a preset, a regex (full match) or a list of names selects.
+
+    List entries match a layer's full name or its dotted suffix (`attn2.to_k`).
+    """
+    names = [name for name, module in unet.named_modules() if isinstance(module, TRAINABLE_TYPES)]
+    if isinstance(targets, str):
+        pattern = PRESETS.get(targets, targets)
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise TargetError(f"adapter.targets: {targets!r} is neither a preset ({', '.join(PRESETS)}) "
+                              f"nor a valid regex ({err})") from None
+        chosen = [n for n in names if regex.fullmatch(n)]
+        if not chosen:
+            raise TargetError(f"adapter.targets: {targets!r} selects no Linear or Conv2d layer of this UNet")
+        return chosen
+    chosen = []
+    for entry in targets:
+        hits = [n for n in names if n == entry or n.endswith("." + entry)]
+        if not hits:
+            raise TargetError(f"adapter.targets: {entry!r} matches no Linear or Conv2d layer of this UNet")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def lora_config(rank: int, alpha: float, dropout: float, init: str, modules: list[str]):
+    """A PEFT LoraConfig whose B matrices start at zero, so the adapter starts as the identity."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=modules,
+        init_lora_weights=True if init == "default" else "gaussian",
+    )
+
+
+def unet_hash(unet: nn.Module) -> str:
+    """sha256 of the base UNet's weights (as loaded, in fp32), skipping any adapter tensors."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_lora(unet: nn.Module, path: str | Path, metadata: dict[str, str]) -> None:
+    """Write the adapter in diffusers' LoRA format (`unet.`-prefixed PEFT keys, config in the header)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from .io import atomic_save_safetensors
+
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    config = unet.peft_config[ADAPTER_NAME].to_dict()
+    config = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    header = {"format": "pt", LORA_METADATA_KEY: json.dumps(config, sort_keys=True), **metadata}
+    tensors = {f"unet.{k}": v.detach().float().contiguous().cpu() for k, v in state.items()}
+    atomic_save_safetensors(tensors, path, metadata=header)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header metadata of an adapter file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+class AdapterError(ValueError):
+    """An adapter is missing, unreadable or was trained for another base model."""
+
+
+def adapter_file(path: str | Path) -> Path:
+    """The weights file of an adapter given as a folder or a file."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (WEIGHTS_NAME, CLASSIC_WEIGHTS_NAME):
+            if (path / name).is_file():
+                return path / name
+        raise AdapterError(f"adapter {path}: no {WEIGHTS_NAME} in this folder")
+    if not path.is_file():
+        raise AdapterError(f"adapter {path}: no such file or folder")
+    if path.suffix != ".safetensors":
+        raise AdapterError(f"adapter {path}: only .safetensors adapters are read")
+    return path
+
+
+def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = None) -> list[str]:
+    """Load LoRA adapters into the pipeline's UNet and activate them together; refuse an adapter whose
+    recorded base UNet hash differs from this pipeline's."""
+    if not paths:
+        return []
+    base = unet_hash(pipe.unet)
+    names = []
+    for i, path in enumerate(paths):
+        file = adapter_file(path)
+        recorded = read_metadata(file).get("esd_lora.base_unet_sha256")
+        if recorded and recorded != base:
+            raise AdapterError(f"adapter {path}: trained for another base model (UNet hash {recorded[:12]}, "
+                               f"this model {base[:12]})")
+        if file.name == CLASSIC_WEIGHTS_NAME:
+            raise AdapterError(f"adapter {path}: classic ESD weights are not a LoRA adapter; merge them instead")
+        name = f"erase_{i}"
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=weights or [1.0] * len(names))
+    return names

@@ -1,0 +1,108 @@
+"""Model loading: the one place that turns a model name into a diffusers pipeline.
+
+Accepts `toy` (the shipped toy model), a local diffusers folder, or a hub id. Failures are
+one-line errors that say what could not be reached.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TOY = "toy"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message is one line for the user."""
+
+
+def resolve(model: str) -> str:
+    """The path or hub id a model name stands for (`toy` is the shipped toy model)."""
+    if model == TOY:
+        from .toy.paths import MODEL_DIR
+
+        if not (MODEL_DIR / "model_index.json").exists():
+            raise ModelLoadError(f"the toy model is missing from {MODEL_DIR}; run `esd-lora toy build --install`")
+        return str(MODEL_DIR)
+    return model
+
+
+def family(pipe) -> str:
+    """'sdxl' for pipelines with two text encoders, else 'sd'."""
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def load_pipeline(model: str = TOY, dtype: str | torch.dtype = "fp32", revision: str | None = None,
+                  device: str | torch.device = "cpu"):
+    """Load an SD-family pipeline (SD 1.x, 2.x or SDXL) with no safety checker and a quiet progress bar."""
+    from diffusers import DiffusionPipeline
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    source = resolve(model)
+    local = Path(source).exists()
+    if local and not (Path(source) / "model_index.json").exists():
+        raise ModelLoadError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+    kwargs = {"dtype": torch_dtype, "revision": revision}
+    if not local:
+        kwargs["safety_checker"] = None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"cannot load model {model!r}: {first}") from None
+    if not hasattr(pipe, "unet"):
+        raise ModelLoadError(f"{model!r} is a {type(pipe).__name__}; esd-lora needs a UNet-based SD-family model")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class Conditioner:
+    """Text conditioning for SD 1.x/2.x and SDXL, computed once per prompt and cached.
+
+    The text encoders stay frozen during erasure, so a prompt's embedding never changes.
+    SDXL adds pooled text embeddings and size/crop ids; for the empty prompt it uses zeros when the
+    model is configured so (`force_zeros_for_empty_prompt`), exactly as its pipeline samples.
+    """
+
+    def __init__(self, pipe, device: str | torch.device, dtype: torch.dtype) -> None:
+        self.pipe, self.device, self.dtype = pipe, device, dtype
+        self.sdxl = family(pipe) == "sdxl"
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.sdxl:
+            embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, do_classifier_free_guidance=False)
+            return embeds.to(self.dtype), None
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+        if prompt == "" and self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        return embeds.to(self.dtype), pooled.to(self.dtype)
+
+    def __call__(self, prompts: list[str]) -> dict:
+        """UNet keyword arguments (encoder_hidden_states, added_cond_kwargs) for a batch of prompts."""
+        for p in prompts:
+            if p not in self.cache:
+                self.cache[p] = self._encode(p)
+        embeds = torch.cat([self.cache[p][0] for p in prompts])
+        if not self.sdxl:
+            return {"encoder_hidden_states": embeds}
+        pooled = torch.cat([self.cache[p][1] for p in prompts])
+        size = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=self.device, dtype=self.dtype)
+        return {"encoder_hidden_states": embeds,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}}
+
+
+def cat_conditions(a: dict, b: dict) -> dict:
+    """Concatenate two condition batches (for one UNet call on both halves of a guided pair)."""
+    out = {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]])}
+    if "added_cond_kwargs" in a:
+        out["added_cond_kwargs"] = {k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]])
+                                    for k in a["added_cond_kwargs"]}
+    return out

@@ -1,0 +1,278 @@
+"""Recipes: what to erase, from which model, with which adapter and training settings.
+
+A recipe is YAML validated against the dataclasses below before anything heavy loads.
+Any key can be overridden as `section.key=value`. Every error is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe is wrong; the message is one line naming the key."""
+
+
+@dataclass
+class ModelSection:
+    """The base model: `toy`, a local diffusers folder or a hub id."""
+
+    id: str = "toy"
+    revision: str | None = None
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+@dataclass
+class ConceptSection:
+    """What to erase.
+
+    prompts: one is picked per sample. erase_from: subject prompts the concept is erased from
+    (the trained prediction is conditioned on the subject). eta: guidance strength of the erasure.
+    preserve: prompts whose predictions must not change, weighted by preserve_weight.
+    """
+
+    prompts: list[str] = field(default_factory=list)
+    erase_from: list[str] = field(default_factory=list)
+    eta: float = 1.0
+    preserve: list[str] = field(default_factory=list)
+    preserve_weight: float = 1.0
+
+
+@dataclass
+class AdapterSection:
+    """kind `lora` trains a PEFT LoRA adapter; `none` trains the selected weights directly (classic ESD)."""
+
+    kind: Literal["lora", "none"] = "lora"
+    rank: int = 4
+    alpha: float = 4.0
+    dropout: float = 0.0
+    init: Literal["default", "gaussian"] = "default"
+    targets: str | list[str] = "esd-x"
+
+
+@dataclass
+class TrainSection:
+    """Optimisation and the x_t sampler. sampler `trained` is the paper's (the adapter on); `frozen` uses the base."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    batch: int = 1
+    optimizer: Literal["adamw8bit", "adamw", "adam"] = "adamw8bit"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    ddim_steps: int = 50
+    guidance: float = 3.0
+    sampler: Literal["trained", "frozen"] = "trained"
+
+
+@dataclass
+class OutputSection:
+    """Where the adapter goes (default adapters/<recipe name>/) and how often to checkpoint (0: never)."""
+
+    dir: str | None = None
+    checkpoint_every: int = 50
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"
+    model: ModelSection = field(default_factory=ModelSection)
+    concept: ConceptSection = field(default_factory=ConceptSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else Path("adapters") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe) if f.name != "name"}
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check one value against a field's type annotation; coerce numeric strings such as '1e-4'."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(errors[-1])
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if isinstance(value, bool) and "no" in allowed and value is False:
+            return "no"  # YAML reads a bare `no` as false
+        if value not in allowed:
+            raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise RecipeError(f"{key}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(value) if isinstance(value, int) else int(str(value).strip())
+        except ValueError:
+            pass
+        try:
+            number = float(str(value))
+        except ValueError:
+            raise RecipeError(f"{key}: expected an integer, got {value!r}") from None
+        if not number.is_integer():
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return int(number)
+    if kind is float:
+        if isinstance(value, bool):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise RecipeError(f"{key}: expected a string, got {type(value).__name__}")
+        return str(value)
+    raise RecipeError(f"{key}: unsupported type")  # pragma: no cover - schema bug
+
+
+def _shorthand(name: str, data: Any) -> Any:
+    """`adapter: none` stands for `adapter: {kind: none}`; a missing section is its defaults."""
+    if data is None:
+        return {}
+    if name == "adapter" and isinstance(data, str):
+        return {"kind": data}
+    return data
+
+
+def _section(name: str, cls: type, data: Any) -> Any:
+    data = _shorthand(name, data)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{name}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise RecipeError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return cls(**{key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in data.items()})
+
+
+def _check(recipe: Recipe) -> None:
+    """Cross-field rules that types cannot say."""
+    c, a, t, o = recipe.concept, recipe.adapter, recipe.train, recipe.output
+    if not c.prompts or any(not p.strip() for p in c.prompts):
+        raise RecipeError("concept.prompts: give at least one non-empty prompt to erase")
+    rules = [
+        ("concept.eta", c.eta > 0, "must be > 0"),
+        ("concept.preserve_weight", c.preserve_weight >= 0, "must be >= 0"),
+        ("adapter.rank", a.rank >= 1, "must be >= 1"),
+        ("adapter.alpha", a.alpha > 0, "must be > 0"),
+        ("adapter.dropout", 0 <= a.dropout < 1, "must be in [0, 1)"),
+        ("adapter.targets", bool(a.targets), "must name a preset, a regex or a list of modules"),
+        ("train.steps", t.steps >= 1, "must be >= 1"),
+        ("train.lr", t.lr > 0, "must be > 0"),
+        ("train.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
+        ("train.batch", t.batch >= 1, "must be >= 1"),
+        ("train.ddim_steps", 1 <= t.ddim_steps <= 1000, "must be in [1, 1000]"),
+        ("train.guidance", t.guidance >= 1, "must be >= 1"),
+        ("output.checkpoint_every", o.checkpoint_every >= 0, "must be >= 0"),
+    ]
+    for key, ok, message in rules:
+        if not ok:
+            raise RecipeError(f"{key}: {message}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", recipe.name):
+        raise RecipeError(f"name: {recipe.name!r} may only use letters, digits, '_', '.' and '-'")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.steps=200` -> (['train', 'steps'], 200); the value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected section.key=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise RecipeError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] = (), name: str | None = None) -> Recipe:
+    """Validate a recipe mapping, after applying `key=value` overrides."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: expected a mapping at the top level, got {type(data).__name__}")
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 1:
+            data[path[0]] = value
+            continue
+        if len(path) != 2:
+            raise RecipeError(f"override {text!r}: keys are section.key")
+        section = _shorthand(path[0], data.get(path[0]))
+        section = dict(section) if isinstance(section, dict) else {}
+        section[path[1]] = value
+        data[path[0]] = section
+    for key in data:
+        if key not in SECTIONS and key != "name":
+            raise RecipeError(f"{key}: unknown section (known: name, {', '.join(SECTIONS)})")
+    recipe = Recipe(
+        name=str(data.get("name") or name or "recipe"),
+        **{key: _section(key, typing.get_type_hints(Recipe)[key], data.get(key)) for key in SECTIONS},
+    )
+    _check(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a YAML recipe; its name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe {path}: not valid YAML{where}") from None
+    return from_dict(data, overrides, name=path.stem)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, as written next to the adapter."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,252 @@
+"""`esd-lora train`: ESD erasure with a LoRA adapter (or, for comparison, classic full-weight ESD).
+
+One training step, as in the paper:
+1. pick a concept prompt c (and, with erase_from, a subject s) and a DDIM index k in [0, T);
+2. x_t = k guided DDIM steps from noise, conditioned on c (or s), by the model being trained
+   (train.sampler=frozen: by the base); t is drawn in step k's band;
+3. the frozen model (adapter off) predicts on x_t for c, the empty prompt (and s), without gradient;
+4. the trained model's prediction is pulled towards esd_target() by MSE.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import resource
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules,
+                      unet_hash)
+from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from .models import Conditioner, cat_conditions, load_pipeline
+from .objective import adapters_off, esd_loss, esd_target
+from .recipe import Recipe, RecipeError, dump_recipe
+from .sampler import loss_timestep, sample_xt, unet_eps
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """adamw8bit from bitsandbytes when it runs on the parameters' device, else torch AdamW with a warning."""
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            probe = torch.zeros(4096, device=params[0].device, requires_grad=True)
+            probe.grad = torch.ones_like(probe)
+            bnb.optim.AdamW8bit([probe], lr=1e-3).step()
+            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
+        except Exception as err:  # any failure of the optional backend means: fall back, never crash
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"warning: bitsandbytes AdamW8bit unavailable on {params[0].device} ({reason}); "
+                  f"using torch AdamW", file=sys.stderr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"esd-lora": __version__}
+    for pkg in ("torch", "diffusers", "peft", "transformers", "accelerate", "bitsandbytes", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step_*"))
+    return found[-1] if found else None
+
+
+def _trainable_state(unet) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
+    """Run the recipe; returns a summary (output folder, time, peak memory, final loss)."""
+    from accelerate import Accelerator
+
+    cfg, concept = recipe.train, recipe.concept
+    out = recipe.output_dir
+    checkpoint = _latest_checkpoint(out)
+    if checkpoint and not resume:
+        raise RecipeError(f"output.dir: {out} holds checkpoints of an earlier run; pass --resume or pick another dir")
+    if recipe.adapter.kind == "none" and recipe.model.dtype != "fp32" and cfg.mixed_precision == "no":
+        raise RecipeError("model.dtype: classic mode (adapter: none) trains the weights themselves; "
+                          "load them in fp32 or set train.mixed_precision")
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    device = accelerator.device
+    pipe = load_pipeline(recipe.model.id, recipe.model.dtype, recipe.model.revision, device=device)
+    unet = pipe.unet
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if part is not None:
+            part.requires_grad_(False)
+    base_hash = unet_hash(unet)
+    modules = select_modules(unet, recipe.adapter.targets)
+
+    if recipe.adapter.kind == "lora":
+        a = recipe.adapter
+        torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global generator
+        unet.add_adapter(lora_config(a.rank, a.alpha, a.dropout, a.init, modules), adapter_name=ADAPTER_NAME)
+        teacher_model, teacher = unet, lambda: adapters_off(unet)
+    else:
+        teacher_model = copy.deepcopy(unet)  # classic ESD: a frozen copy is the teacher
+        teacher = lambda: nullcontext(teacher_model)  # noqa: E731
+        for name in modules:
+            unet.get_submodule(name).requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
+    student, optimizer = accelerator.prepare(unet, optimizer)
+
+    start = 0
+    if checkpoint is not None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(checkpoint / "trainable.safetensors"))
+        named = dict(unet.named_parameters())
+        missing = set(state) ^ {n for n, p in named.items() if p.requires_grad}
+        if missing:
+            raise RecipeError(f"--resume: {checkpoint} does not fit this recipe's trainable layers")
+        for n, tensor in state.items():
+            named[n].data.copy_(tensor.to(named[n].device))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+        start = json.loads((checkpoint / "state.json").read_text())["step"]
+
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    conditioner = Conditioner(pipe, device, unet.dtype)
+    latent_shape = (cfg.batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    sampled_from = concept.erase_from or concept.prompts
+
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() and start else [])
+            if json.loads(line)["step"] < start]
+    log = open(log_path, "w")
+    log.writelines(line + "\n" for line in kept)
+    t0 = time.time()
+    loss_value = float("nan")
+    bar = tqdm(range(start, cfg.steps), desc=f"erasing {recipe.name}", initial=start, total=cfg.steps,
+               disable=not (progress and accelerator.is_main_process))
+    for step in bar:
+        seed = (cfg.seed * 1_000_003 + step) * 64 + accelerator.process_index
+        gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+        torch.manual_seed(seed)  # LoRA dropout
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        picks = [rng.randrange(len(sampled_from)) for _ in range(cfg.batch)]
+        trained_prompts = [sampled_from[i] for i in picks]
+        concept_prompts = [concept.prompts[i % len(concept.prompts)] for i in picks]
+        k = int(torch.randint(0, cfg.ddim_steps, (1,), generator=gen))
+        t = loss_timestep(k, cfg.ddim_steps, gen, cfg.batch).to(device)
+        trained_cond, empty = conditioner(trained_prompts), conditioner([""] * cfg.batch)
+
+        sampler_ctx = teacher() if cfg.sampler == "frozen" else nullcontext(accelerator.unwrap_model(student))
+        with sampler_ctx as sampler_unet:
+            x_t = sample_xt(sampler_unet, scheduler, trained_cond, empty, k, cfg.ddim_steps, cfg.guidance,
+                            gen, latent_shape, unet.dtype, device)
+
+        with torch.no_grad(), teacher() as frozen:
+            conds = [conditioner(concept_prompts), empty]
+            if concept.erase_from:
+                conds.append(trained_cond)
+            if concept.preserve:
+                conds.append(conditioner([concept.preserve[rng.randrange(len(concept.preserve))]
+                                          for _ in range(cfg.batch)]))
+            both = conds[0]
+            for c in conds[1:]:
+                both = cat_conditions(both, c)
+            preds = unet_eps(frozen, scheduler, x_t.repeat(len(conds), 1, 1, 1), t.repeat(len(conds)), both)
+            preds = preds.float().chunk(len(conds))
+            anchor = preds[2] if concept.erase_from else preds[1]
+            target = esd_target(anchor, preds[0], preds[1], concept.eta)
+
+        with accelerator.autocast():
+            loss = esd_loss(unet_eps(student, scheduler, x_t, t, trained_cond), target)
+            if concept.preserve:
+                loss = loss + concept.preserve_weight * esd_loss(
+                    unet_eps(student, scheduler, x_t, t, conds[-1]), preds[-1])
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if accelerator.is_main_process:
+            log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "k": k,
+                                  "time": round(time.time() - t0, 3)}) + "\n")
+            log.flush()
+            if cfg.steps > step + 1 and recipe.output.checkpoint_every and (step + 1) % recipe.output.checkpoint_every == 0:
+                _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer)
+    log.close()
+
+    summary = {"output": str(out), "steps": cfg.steps, "seconds": round(time.time() - t0, 2),
+               "peak_memory_mb": round(_peak_memory_mb(device), 1), "final_loss": loss_value}
+    if accelerator.is_main_process:
+        _save_result(recipe, accelerator.unwrap_model(student), modules, base_hash, out)
+        atomic_write_json(out / "summary.json", summary)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return summary
+
+
+def _save_checkpoint(out: Path, step: int, unet, optimizer) -> None:
+    """Trainable weights, optimizer state and the step, in one folder that appears whole or not at all."""
+    with atomic_dir(out / "checkpoints" / f"step_{step:06d}") as tmp:
+        atomic_save_safetensors(_trainable_state(unet), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+    for old in sorted((out / "checkpoints").glob("step_*"))[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_result(recipe: Recipe, unet, modules: list[str], base_hash: str, out: Path) -> None:
+    """The adapter (or classic weights) with provenance in the safetensors header, and the resolved recipe."""
+    metadata = {
+        "esd_lora.concepts": json.dumps(recipe.concept.prompts),
+        "esd_lora.erase_from": json.dumps(recipe.concept.erase_from),
+        "esd_lora.eta": str(recipe.concept.eta),
+        "esd_lora.targets": json.dumps(modules),
+        "esd_lora.target_spec": json.dumps(recipe.adapter.targets),
+        "esd_lora.steps": str(recipe.train.steps),
+        "esd_lora.base_model": recipe.model.id,
+        "esd_lora.base_revision": recipe.model.revision or "",
+        "esd_lora.base_unet_sha256": base_hash,
+        "esd_lora.versions": json.dumps(_versions()),
+        "esd_lora.recipe_name": recipe.name,
+    }
+    if recipe.adapter.kind == "lora":
+        save_lora(unet, out / WEIGHTS_NAME, metadata)
+        config = unet.peft_config[ADAPTER_NAME].to_dict()
+        atomic_write_json(out / "adapter_config.json",
+                          {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()})
+    else:
+        weights = {f"{m}.{n}": p.detach().float().cpu().contiguous()
+                   for m in modules for n, p in unet.get_submodule(m).named_parameters()}
+        atomic_save_safetensors(weights, out / CLASSIC_WEIGHTS_NAME, metadata=metadata)
+    atomic_write_text(out / "recipe.yaml", dump_recipe(recipe))

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random SD 1.x, SD 2.x (v-prediction) and SDXL pipelines, built in code
+with fixed seeds, saved to disk and re-loaded through the real loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from esd_lora.toy.vocab import build_tokenizer
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, sample_size=16)
+
+
+def _text(hidden: int, projection: bool, vocab: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=hidden)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def build_tiny_pipeline(family: str, out: Path) -> Path:
+    """Save a tiny random pipeline of the family; returns its folder."""
+    from diffusers import (DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(out / "_tokenizer")
+    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8)
+    scheduler = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                     set_alpha_to_one=False, steps_offset=1)
+    if family in ("sd1", "sd2"):
+        v = family == "sd2"
+        unet = UNet2DConditionModel(**common, cross_attention_dim=16, attention_head_dim=(2, 4) if v else 4,
+                                    use_linear_projection=v)
+        pipe = StableDiffusionPipeline(
+            vae=_vae(), text_encoder=_text(16, False, len(tokenizer)), tokenizer=tokenizer, unet=unet,
+            scheduler=DDIMScheduler(**scheduler, prediction_type="v_prediction" if v else "epsilon"),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=(2, 4),
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
+                                    transformer_layers_per_block=(1, 1))
+        pipe = StableDiffusionXLPipeline(
+            vae=_vae(), text_encoder=_text(16, False, len(tokenizer)), text_encoder_2=_text(16, True, len(tokenizer)),
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**scheduler))
+    folder = out / family
+    pipe.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Folders of the three tiny families, built once per test session."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: build_tiny_pipeline(family, root) for family in FAMILIES}
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny_model(request, tiny_models) -> tuple[str, Path]:
+    return request.param, tiny_models[request.param]

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from esd_lora.adapter import (ADAPTER_NAME, PRESETS, TargetError, lora_config, read_metadata, select_modules,
+                              unet_hash)
+from esd_lora.models import load_pipeline
+
+
+def test_presets_select_the_papers_layers_on_every_family(tiny_model):
+    family, path = tiny_model
+    unet = load_pipeline(str(path)).unet
+    chosen = {name: select_modules(unet, name) for name in PRESETS}
+    attn2_blocks = {n.rsplit(".attn2", 1)[0] for n in chosen["esd-x"]}
+    assert len(chosen["esd-x"]) == 4 * len(attn2_blocks) > 0
+    assert all(".attn2." in n for n in chosen["esd-x"])
+    assert set(chosen["esd-x-strict"]) < set(chosen["esd-x"])
+    assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in chosen["esd-x-strict"])
+    assert not any(".attn2." in n or n.startswith(("time_embedding", "add_embedding")) or n == "conv_out"
+                   for n in chosen["esd-u"])
+    assert any(".attn1." in n for n in chosen["esd-u"]) and any("resnets" in n for n in chosen["esd-u"])
+    assert set(chosen["esd-u"]) | set(chosen["esd-x"]) < set(chosen["esd-all"])
+    if family == "sdxl":
+        assert any(n.startswith("add_embedding") for n in chosen["esd-all"])
+
+
+def test_explicit_lists_regexes_and_selections_of_nothing(tiny_models):
+    unet = load_pipeline(str(tiny_models["sd1"])).unet
+    assert select_modules(unet, ["attn2.to_k"]) == select_modules(unet, r".*attn2\.to_k")
+    with pytest.raises(TargetError, match="selects no"):
+        select_modules(unet, r".*attn3\..*")
+    with pytest.raises(TargetError, match="'attn9.to_k' matches no"):
+        select_modules(unet, ["attn2.to_k", "attn9.to_k"])
+    with pytest.raises(TargetError, match="neither a preset"):
+        select_modules(unet, "esd-x[")
+
+
+def test_zero_init_adapter_leaves_the_model_and_its_hash_unchanged(tiny_models):
+    unet = load_pipeline(str(tiny_models["sd1"])).unet
+    before = unet_hash(unet)
+    unet.add_adapter(lora_config(2, 2.0, 0.0, "default", select_modules(unet, "esd-x")), adapter_name=ADAPTER_NAME)
+    assert unet_hash(unet) == before
+    b = [p for n, p in unet.named_parameters() if "lora_B" in n]
+    assert b and all((p == 0).all() for p in b)
+
+
+def test_read_metadata(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors", metadata={"k": "v"})
+    assert read_metadata(tmp_path / "a.safetensors") == {"k": "v"}

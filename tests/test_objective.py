@@ -1,0 +1,62 @@
+import torch
+
+from esd_lora.adapter import ADAPTER_NAME, lora_config, select_modules
+from esd_lora.models import load_pipeline
+from esd_lora.objective import adapters_off, esd_loss, esd_target
+
+
+def test_target_matches_a_hand_computed_case():
+    anchor = torch.tensor([1.0, 2.0])
+    concept = torch.tensor([3.0, 5.0])
+    empty = torch.tensor([1.0, 2.0])
+    assert torch.equal(esd_target(anchor, concept, empty, eta=1.0), torch.tensor([-1.0, -1.0]))
+    assert torch.equal(esd_target(anchor, concept, empty, eta=2.0), torch.tensor([-3.0, -4.0]))
+    subject = torch.tensor([0.5, 0.5])  # erase_from anchors on the subject's prediction
+    assert torch.equal(esd_target(subject, concept, empty, eta=1.0), torch.tensor([-1.5, -2.5]))
+
+
+def test_loss_on_a_tiny_network_equals_the_hand_derivation():
+    # eps(x, c) = x + c: the student starts as the teacher, so the loss is ((1 + eta) * (c - e))^2.
+    x = torch.randn(2, 4)
+    c, e = torch.full((2, 4), 0.3), torch.full((2, 4), -0.1)
+    net = lambda x, cond: x + cond  # noqa: E731
+    eta = 1.5
+    loss = esd_loss(net(x, c), esd_target(net(x, e), net(x, c), net(x, e), eta))
+    assert torch.allclose(loss, torch.tensor(((1 + eta) * 0.4) ** 2))
+
+
+def test_target_means_the_same_for_epsilon_and_v_prediction():
+    torch.manual_seed(0)
+    alpha_bar = torch.tensor(0.3)
+    x_t = torch.randn(3, 4)
+    eps = {k: torch.randn(3, 4) for k in ("anchor", "concept", "empty")}
+    x0 = {k: (x_t - (1 - alpha_bar).sqrt() * v) / alpha_bar.sqrt() for k, v in eps.items()}
+    v = {k: alpha_bar.sqrt() * eps[k] - (1 - alpha_bar).sqrt() * x0[k] for k in eps}
+    target_eps = esd_target(eps["anchor"], eps["concept"], eps["empty"], 2.0)
+    target_v = esd_target(v["anchor"], v["concept"], v["empty"], 2.0)
+    # v -> eps on the same x_t: eps = sqrt(a) v + sqrt(1 - a) x_t
+    assert torch.allclose(alpha_bar.sqrt() * target_v + (1 - alpha_bar).sqrt() * x_t, target_eps, atol=1e-5)
+
+
+def test_teacher_is_the_base_bit_for_bit(tiny_model):
+    _, path = tiny_model
+    pipe = load_pipeline(str(path))
+    unet = pipe.unet
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 700])
+    kwargs = {"encoder_hidden_states": torch.randn(2, 5, unet.config.cross_attention_dim)}
+    if unet.config.addition_embed_type == "text_time":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 16), "time_ids": torch.ones(2, 6)}
+    with torch.no_grad():
+        base = unet(x, t, **kwargs).sample
+        unet.add_adapter(lora_config(2, 2.0, 0.0, "default", select_modules(unet, "esd-all")),
+                         adapter_name=ADAPTER_NAME)
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        with adapters_off(unet):
+            off = unet(x, t, **kwargs).sample
+        on = unet(x, t, **kwargs).sample
+    assert torch.equal(off, base)
+    assert not torch.allclose(on, base)

@@ -1,0 +1,110 @@
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esd_lora import train as train_module
+from esd_lora.adapter import WEIGHTS_NAME, load_adapters, read_metadata, unet_hash
+from esd_lora.models import load_pipeline
+from esd_lora.recipe import RecipeError, from_dict
+from esd_lora.train import make_optimizer, train
+
+
+def recipe_for(model, out, **train_keys):
+    return from_dict({
+        "model": {"id": str(model)},
+        "concept": {"prompts": ["a red shape", "a crimson shape"]},
+        "train": {"steps": 3, "ddim_steps": 10, **train_keys},
+        "output": {"dir": str(out), "checkpoint_every": 2},
+    })
+
+
+def test_trains_every_family_and_writes_a_loadable_adapter_with_provenance(tiny_model, tmp_path):
+    family, path = tiny_model
+    summary = train(recipe_for(path, tmp_path / "a", sampler="frozen" if family == "sd2" else "trained"),
+                    progress=False)
+    out = tmp_path / "a"
+    assert summary["steps"] == 3 and summary["peak_memory_mb"] > 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "log.jsonl", WEIGHTS_NAME, "recipe.yaml", "summary.json"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] >= 0 for r in log)
+    meta = read_metadata(out / WEIGHTS_NAME)
+    pipe = load_pipeline(str(path))
+    assert meta["esd_lora.base_unet_sha256"] == unet_hash(pipe.unet)
+    assert json.loads(meta["esd_lora.concepts"]) == ["a red shape", "a crimson shape"]
+    assert meta["esd_lora.eta"] == "1.0" and meta["esd_lora.steps"] == "3" and meta["esd_lora.base_model"] == str(path)
+    assert "diffusers" in json.loads(meta["esd_lora.versions"])
+    assert all(".attn2." in m for m in json.loads(meta["esd_lora.targets"]))
+    assert json.loads(meta["lora_adapter_metadata"])["unet.lora_alpha"] == 4.0
+    weights = load_file(str(out / WEIGHTS_NAME))
+    assert weights and all(k.startswith("unet.") and "lora_" in k for k in weights)
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k)  # it trained
+    load_adapters(pipe, [out])  # diffusers' own loader reads it back
+
+
+def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path):
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "c", optimizer="adam")
+    recipe.adapter.kind = "none"
+    train(recipe, progress=False)
+    weights = load_file(str(tmp_path / "c" / "esd_weights.safetensors"))
+    base = load_pipeline(str(tiny_models["sd1"])).unet.state_dict()
+    assert weights and all(".attn2." in k for k in weights)
+    assert any(not torch.equal(v, base[k]) for k, v in weights.items())
+
+
+def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
+    model = tiny_models["sd1"]
+    train(recipe_for(model, tmp_path / "full", steps=5), progress=False)
+
+    real_save = train_module._save_checkpoint
+
+    def save_then_die(out, step, unet, optimizer):
+        real_save(out, step, unet, optimizer)
+        raise KeyboardInterrupt  # killed right after the step-2 checkpoint
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe_for(model, tmp_path / "resumed", steps=5), progress=False)
+    monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
+    assert not (tmp_path / "resumed" / WEIGHTS_NAME).exists()
+    with pytest.raises(RecipeError, match="--resume"):
+        train(recipe_for(model, tmp_path / "resumed", steps=5), progress=False)
+    train(recipe_for(model, tmp_path / "resumed", steps=5), resume=True, progress=False)
+
+    full = load_file(str(tmp_path / "full" / WEIGHTS_NAME))
+    resumed = load_file(str(tmp_path / "resumed" / WEIGHTS_NAME))
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5]
+
+
+def test_optimizer_falls_back_to_adamw_with_one_warning(monkeypatch, capsys):
+    params = [torch.nn.Parameter(torch.zeros(8))]
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, as where bitsandbytes cannot run
+    opt = make_optimizer("adamw8bit", params, 1e-3)
+    assert type(opt) is torch.optim.AdamW
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "using torch AdamW" in err[0]
+
+
+def test_adamw8bit_is_used_where_bitsandbytes_runs():
+    bnb = pytest.importorskip("bitsandbytes")
+    opt = make_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(8192))], 1e-3)
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+
+
+def test_mixed_precision_keeps_trainable_weights_fp32(tiny_models, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "bf16", steps=1, mixed_precision="bf16")
+    try:
+        train(recipe, progress=False)
+    finally:
+        AcceleratorState._reset_state(True)
+    weights = load_file(str(tmp_path / "bf16" / WEIGHTS_NAME))
+    assert all(v.dtype == torch.float32 for v in weights.values())
