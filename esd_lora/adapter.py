@@ -138,7 +138,7 @@ def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = N
         if file.name == CLASSIC_WEIGHTS_NAME:
             raise AdapterError(f"adapter {path}: classic ESD weights are not a LoRA adapter; merge them instead")
         name = f"erase_{i}"
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+        pipe.unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name=name)
         names.append(name)
-    pipe.set_adapters(names, adapter_weights=weights or [1.0] * len(names))
+    pipe.unet.set_adapters(names, weights=weights or [1.0] * len(names))
     return names

@@ -20,12 +20,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from .adapter import load_adapters
+    from .adapter import adapter_file, load_adapters
     from .models import load_pipeline
     from .sample import generate, save_png, to_pil_grid
 
     if args.n < 1:
         raise ValueError("--n must be >= 1")
+    for path in args.adapter:
+        adapter_file(path)  # a missing adapter fails before any image is made
     pipe = load_pipeline(args.model)
     seeds = list(range(args.seed, args.seed + args.n))
     images = generate(pipe, [args.prompt] * args.n, seeds, args.steps, args.guidance)
@@ -42,6 +44,25 @@ def _cmd_sample(args: argparse.Namespace) -> None:
                 save_png(to_pil_grid(img[None], cols=1, pad=0), Path(args.out_dir) / f"{tag}_{seed:05d}.png")
     what = "base (top) and with adapters (bottom)" if args.adapter else "images"
     print(f"wrote {args.out}: {args.n} {what} for {args.prompt!r}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, format_report
+    from .io import atomic_write_json, atomic_write_text
+    from .sample import save_png
+
+    prompts = None
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts}: no prompts in the file")
+    report, grid = evaluate(args.model, args.adapter, args.concepts, prompts, args.n, args.seed, args.steps,
+                            args.guidance)
+    out = Path(args.out)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", format_report(report))
+    save_png(grid, out / "grid.png")
+    print(format_report(report))
 
 
 def _cmd_toy_build(args: argparse.Namespace) -> None:
@@ -89,6 +110,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", help="also write every image as its own PNG here")
     s.add_argument("--scale", type=int, default=4, help="upscale factor of the grid (default 4)")
     s.set_defaults(func=_cmd_sample)
+
+    e = sub.add_parser("eval", help="detection rates of concepts, base against erased, same seeds")
+    e.add_argument("model", help="`toy` or a diffusers folder")
+    e.add_argument("--adapter", action="append", default=[], help="adapter folder or file (repeatable)")
+    e.add_argument("--concepts", nargs="+", required=True, help="the erased concepts")
+    e.add_argument("--prompts", help="a file of prompts, one per line (default: built from the concepts)")
+    e.add_argument("--n", type=int, default=64, help="images per prompt (default 64)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    e.add_argument("--out", required=True, help="folder for report.json, report.md and grid.png")
+    e.set_defaults(func=_cmd_eval)
 
     toy = sub.add_parser("toy", help="the toy world: build it, measure it").add_subparsers(dest="toy", required=True)
     b = toy.add_parser("build", help="train the toy classifier, autoencoder and pipeline (about 90 min, 2 cores)")

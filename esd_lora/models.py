@@ -44,6 +44,8 @@ def load_pipeline(model: str = TOY, dtype: str | torch.dtype = "fp32", revision:
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     source = resolve(model)
     local = Path(source).exists()
+    if not local and source.startswith(("/", "./", "../", "~")):
+        raise ModelLoadError(f"cannot load model {model!r}: no such folder")
     if local and not (Path(source) / "model_index.json").exists():
         raise ModelLoadError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
     kwargs = {"dtype": torch_dtype, "revision": revision}
@@ -99,10 +101,10 @@ class Conditioner:
                 "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.repeat(len(prompts), 1)}}
 
 
-def cat_conditions(a: dict, b: dict) -> dict:
-    """Concatenate two condition batches (for one UNet call on both halves of a guided pair)."""
-    out = {"encoder_hidden_states": torch.cat([a["encoder_hidden_states"], b["encoder_hidden_states"]])}
-    if "added_cond_kwargs" in a:
-        out["added_cond_kwargs"] = {k: torch.cat([a["added_cond_kwargs"][k], b["added_cond_kwargs"][k]])
-                                    for k in a["added_cond_kwargs"]}
+def cat_conditions(conds: list[dict]) -> dict:
+    """Concatenate condition batches, so that several predictions take one UNet call."""
+    out = {"encoder_hidden_states": torch.cat([c["encoder_hidden_states"] for c in conds])}
+    if "added_cond_kwargs" in conds[0]:
+        out["added_cond_kwargs"] = {k: torch.cat([c["added_cond_kwargs"][k] for c in conds])
+                                    for k in conds[0]["added_cond_kwargs"]}
     return out

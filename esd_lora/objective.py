@@ -15,6 +15,9 @@ from contextlib import contextmanager
 
 import torch
 
+from .models import cat_conditions
+from .sampler import unet_eps
+
 
 def esd_target(anchor: torch.Tensor, concept: torch.Tensor, empty: torch.Tensor, eta: float) -> torch.Tensor:
     """The negatively guided prediction the trained model should make."""
@@ -24,6 +27,14 @@ def esd_target(anchor: torch.Tensor, concept: torch.Tensor, empty: torch.Tensor,
 def esd_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error, computed in fp32 whatever the autocast dtype."""
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+@torch.no_grad()
+def frozen_predictions(frozen, scheduler, x_t: torch.Tensor, t: torch.Tensor, conds: list[dict]) -> list[torch.Tensor]:
+    """The frozen model's predictions on x_t for each condition batch, in one UNet call, as fp32."""
+    n = len(conds)
+    preds = unet_eps(frozen, scheduler, x_t.repeat(n, 1, 1, 1), t.repeat(n), cat_conditions(conds))
+    return list(preds.float().chunk(n))
 
 
 @contextmanager

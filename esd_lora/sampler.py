@@ -1,7 +1,7 @@
 """Where ESD's training latents x_t come from: partial guided DDIM sampling of the concept itself.
 
 No training images are used. Step k of a T-step DDIM schedule leaves the latent at DDIM timestep
-tau_k; the loss timestep t is then drawn in tau_k's band of width 1000/T, so over training every
+tau_k; the loss timestep t is then drawn in tau_k's band of width 1000/T (for 1000 training timesteps), so over training every
 noise level from pure noise to clean is covered.
 """
 
@@ -24,9 +24,10 @@ def ddim_timesteps(scheduler, steps: int) -> torch.Tensor:
     return scheduler.timesteps.clone()
 
 
-def loss_timestep(k: int, steps: int, generator: torch.Generator, batch: int) -> torch.Tensor:
+def loss_timestep(k: int, steps: int, generator: torch.Generator, batch: int,
+                  train_timesteps: int = 1000) -> torch.Tensor:
     """DDPM timesteps drawn uniformly in the band of DDIM step k (k=0: the noisiest band)."""
-    width = 1000 // steps
+    width = train_timesteps // steps
     low = (steps - 1 - k) * width
     return torch.randint(low, low + width, (batch,), generator=generator)
 
@@ -40,7 +41,7 @@ def sample_xt(unet, scheduler, cond: dict, uncond: dict, k: int, steps: int, gui
     timesteps = ddim_timesteps(scheduler, steps)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
     x = x * scheduler.init_noise_sigma
-    both = cat_conditions(cond, uncond)
+    both = cat_conditions([cond, uncond])
     n = shape[0]
     for tau in timesteps[:k]:
         t = tau.expand(2 * n).to(device)

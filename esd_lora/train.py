@@ -27,8 +27,8 @@ from . import __version__
 from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules,
                       unet_hash)
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
-from .models import Conditioner, cat_conditions, load_pipeline
-from .objective import adapters_off, esd_loss, esd_target
+from .models import Conditioner, load_pipeline
+from .objective import adapters_off, esd_loss, esd_target, frozen_predictions
 from .recipe import Recipe, RecipeError, dump_recipe
 from .sampler import loss_timestep, sample_xt, unet_eps
 
@@ -106,10 +106,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
         a = recipe.adapter
         torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global generator
         unet.add_adapter(lora_config(a.rank, a.alpha, a.dropout, a.init, modules), adapter_name=ADAPTER_NAME)
-        teacher_model, teacher = unet, lambda: adapters_off(unet)
+        teacher = lambda: adapters_off(unet)  # noqa: E731
     else:
-        teacher_model = copy.deepcopy(unet)  # classic ESD: a frozen copy is the teacher
-        teacher = lambda: nullcontext(teacher_model)  # noqa: E731
+        frozen_copy = copy.deepcopy(unet)  # classic ESD: a frozen copy is the teacher
+        teacher = lambda: nullcontext(frozen_copy)  # noqa: E731
         for name in modules:
             unet.get_submodule(name).requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -164,7 +164,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
         trained_prompts = [sampled_from[i] for i in picks]
         concept_prompts = [concept.prompts[i % len(concept.prompts)] for i in picks]
         k = int(torch.randint(0, cfg.ddim_steps, (1,), generator=gen))
-        t = loss_timestep(k, cfg.ddim_steps, gen, cfg.batch).to(device)
+        t = loss_timestep(k, cfg.ddim_steps, gen, cfg.batch, scheduler.config.num_train_timesteps).to(device)
         trained_cond, empty = conditioner(trained_prompts), conditioner([""] * cfg.batch)
 
         sampler_ctx = teacher() if cfg.sampler == "frozen" else nullcontext(accelerator.unwrap_model(student))
@@ -172,20 +172,15 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
             x_t = sample_xt(sampler_unet, scheduler, trained_cond, empty, k, cfg.ddim_steps, cfg.guidance,
                             gen, latent_shape, unet.dtype, device)
 
-        with torch.no_grad(), teacher() as frozen:
-            conds = [conditioner(concept_prompts), empty]
-            if concept.erase_from:
-                conds.append(trained_cond)
-            if concept.preserve:
-                conds.append(conditioner([concept.preserve[rng.randrange(len(concept.preserve))]
-                                          for _ in range(cfg.batch)]))
-            both = conds[0]
-            for c in conds[1:]:
-                both = cat_conditions(both, c)
-            preds = unet_eps(frozen, scheduler, x_t.repeat(len(conds), 1, 1, 1), t.repeat(len(conds)), both)
-            preds = preds.float().chunk(len(conds))
-            anchor = preds[2] if concept.erase_from else preds[1]
-            target = esd_target(anchor, preds[0], preds[1], concept.eta)
+        conds = [conditioner(concept_prompts), empty]
+        if concept.erase_from:
+            conds.append(trained_cond)
+        if concept.preserve:
+            conds.append(conditioner([rng.choice(concept.preserve) for _ in range(cfg.batch)]))
+        with teacher() as frozen:
+            preds = frozen_predictions(frozen, scheduler, x_t, t, conds)
+        anchor = preds[2] if concept.erase_from else preds[1]
+        target = esd_target(anchor, preds[0], preds[1], concept.eta)
 
         with accelerator.autocast():
             loss = esd_loss(unet_eps(student, scheduler, x_t, t, trained_cond), target)
@@ -202,7 +197,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
             log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "k": k,
                                   "time": round(time.time() - t0, 3)}) + "\n")
             log.flush()
-            if cfg.steps > step + 1 and recipe.output.checkpoint_every and (step + 1) % recipe.output.checkpoint_every == 0:
+            every = recipe.output.checkpoint_every
+            if every and (step + 1) % every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer)
     log.close()
 

@@ -169,7 +169,7 @@ def train_unet(work: Path, cfg: BuildConfig) -> Path:
 
     text = CLIPTextModel(CLIPTextConfig(**text_config(len(tokenizer))))
     unet = UNet2DConditionModel(**unet_config())
-    noise_sched = DDPMScheduler(**scheduler_config())
+    noise_sched = DDPMScheduler.from_config(DDIMScheduler(**scheduler_config()).config)
     params = list(unet.parameters()) + list(text.parameters())
     ema = EMAModel(params, decay=cfg.ema_decay)
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
@@ -237,7 +237,6 @@ def build(work: str | Path, cfg: BuildConfig | None = None, install: bool = Fals
     cfg = cfg or BuildConfig()
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     report: dict = {"config": cfg.__dict__}
     t0 = time.time()
     report["classifier_accuracy"] = build_classifier(work, cfg)

@@ -1,0 +1,130 @@
+"""Measure an erasure: how often each named concept still appears, base against erased, same seeds.
+
+On the toy model the toy classifier reads the images. A prompt is scored on every toy concept it
+names (by name or synonym). Efficacy is the detection rate of the erased concepts; specificity is
+each kept concept's rate as a fraction of the base model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from .toy.vocab import KINDS, kind_of
+
+
+def named_concepts(prompt: str) -> list[str]:
+    """Toy concepts a prompt names, by name or synonym."""
+    lookup = {w: c for table in KINDS.values() for c, syn in table.items() for w in (c, *syn)}
+    found = []
+    for word in prompt.lower().replace(",", " ").split():
+        if word in lookup and lookup[word] not in found:
+            found.append(lookup[word])
+    return found
+
+
+def default_prompts(erased: list[str]) -> list[str]:
+    """Each erased concept by name and by every synonym, then every other concept of the same kinds."""
+    from .toy.quality import concept_prompt
+
+    prompts = []
+    for concept in erased:
+        prompts += [concept_prompt(w, concept) for w in (concept, *KINDS[kind_of(concept)][concept])]
+    for kind in dict.fromkeys(kind_of(c) for c in erased):
+        prompts += [concept_prompt(c, c) for c in KINDS[kind] if c not in erased]
+    return prompts
+
+
+@dataclass
+class Scorer:
+    """Toy-classifier detection rates of the concepts each prompt names."""
+
+    classifier: object
+
+    def __call__(self, images, prompt: str) -> dict[str, float]:
+        predicted = self.classifier.predict(images)
+        return {c: float(np.mean([p == c for p in predicted[kind_of(c)]])) for c in named_concepts(prompt)}
+
+
+def detection_rates(pipe, prompts: list[str], n: int, seed: int, scorer: Scorer, steps: int = DEFAULT_STEPS,
+                    guidance: float = DEFAULT_GUIDANCE, progress: bool = True) -> tuple[dict, "object"]:
+    """Per prompt, the rate of each named concept over n seeded images; also returns the images."""
+    seeds = list(range(seed, seed + n))
+    images = generate(pipe, [p for p in prompts for _ in seeds], seeds * len(prompts), steps, guidance,
+                      progress=progress)
+    return {p: scorer(images[i * n:(i + 1) * n], p) for i, p in enumerate(prompts)}, images
+
+
+def summarize(before: dict, after: dict, erased: list[str]) -> dict:
+    """Efficacy (worst erased-concept rate after) and specificity (worst kept-concept ratio to base)."""
+    erased_rates, kept_ratios = [], []
+    for prompt, rates in after.items():
+        for concept, rate in rates.items():
+            if concept in erased:
+                erased_rates.append(rate)
+            elif before[prompt][concept] > 0:
+                kept_ratios.append(rate / before[prompt][concept])
+    return {
+        "efficacy_max_detection": max(erased_rates) if erased_rates else None,
+        "efficacy_mean_detection": float(np.mean(erased_rates)) if erased_rates else None,
+        "specificity_min_ratio": min(kept_ratios) if kept_ratios else None,
+        "specificity_mean_ratio": float(np.mean(kept_ratios)) if kept_ratios else None,
+    }
+
+
+def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[str] | None = None, n: int = 64,
+             seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+             progress: bool = True) -> tuple[dict, "object"]:
+    """Detection rates before and after loading the adapters, with the summary; returns (report, grid image)."""
+    import torch
+
+    from .adapter import load_adapters
+    from .models import load_pipeline
+    from .sample import to_pil_grid
+    from .toy.classifier import load_classifier
+
+    for concept in erased:
+        kind_of(concept)  # unknown concepts fail here, before any image is made
+    prompts = prompts or default_prompts(erased)
+    pipe = load_pipeline(model)
+    scorer = Scorer(load_classifier())
+    before, base_images = detection_rates(pipe, prompts, n, seed, scorer, steps, guidance, progress)
+    load_adapters(pipe, adapters)
+    after, erased_images = detection_rates(pipe, prompts, n, seed, scorer, steps, guidance, progress)
+    shown = min(n, 4)
+    rows = []
+    for i in range(len(prompts)):
+        rows += [base_images[i * n:i * n + shown], erased_images[i * n:i * n + shown]]
+    grid = to_pil_grid(torch.cat(rows), cols=2 * shown, scale=3)
+    report = {
+        "model": model, "adapters": [str(a) for a in adapters], "erased": erased,
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scorer": "toy-classifier"},
+        "prompts": {p: {c: {"base": before[p][c], "erased": after[p][c]} for c in before[p]} for p in prompts},
+        "summary": summarize(before, after, erased),
+    }
+    return report, grid
+
+
+def format_report(report: dict) -> str:
+    """The report as Markdown."""
+    s = report["settings"]
+    lines = [f"# Erasure report", "", f"Model `{report['model']}`, adapters: "
+             + ", ".join(f"`{a}`" for a in report["adapters"]) + f". Erased: {', '.join(report['erased'])}.",
+             f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} DDIM steps, "
+             f"guidance {s['guidance']}, scored by {s['scorer']}.", "",
+             "| prompt | concept | base | erased | |", "|---|---|---|---|---|"]
+    for prompt, rates in report["prompts"].items():
+        for concept, r in rates.items():
+            role = "erased" if concept in report["erased"] else "kept"
+            lines.append(f"| {prompt} | {concept} | {r['base']:.0%} | {r['erased']:.0%} | {role} |")
+    sm = report["summary"]
+    lines += [""]
+    if sm["efficacy_max_detection"] is not None:
+        lines.append(f"Efficacy: erased concepts detected in at most {sm['efficacy_max_detection']:.0%} "
+                     f"(mean {sm['efficacy_mean_detection']:.0%}) of images.")
+    if sm["specificity_min_ratio"] is not None:
+        lines.append(f"Specificity: kept concepts keep at least {sm['specificity_min_ratio']:.0%} of their base "
+                     f"detection rate (mean {sm['specificity_mean_ratio']:.0%}).")
+    return "\n".join(lines) + "\n"

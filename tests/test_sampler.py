@@ -1,0 +1,50 @@
+import torch
+from diffusers import DDIMScheduler
+
+from esd_lora.sampler import ddim_timesteps, loss_timestep, sample_xt
+
+SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                set_alpha_to_one=False, steps_offset=1)
+
+
+def test_loss_timestep_band_holds_the_ddim_timestep_reached_after_k_steps():
+    scheduler = DDIMScheduler(**SCHEDULE)
+    taus = ddim_timesteps(scheduler, 50)
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for k in range(50):
+        t = loss_timestep(k, 50, gen, 200)
+        assert t.min() >= taus[k] - 1 and t.max() < taus[k] + 19
+        seen |= set(t.tolist())
+    assert min(seen) == 0 and max(seen) == 999  # every noise level is covered
+
+
+class Recorder(torch.nn.Module):
+    """A stand-in UNet that predicts zero noise and records its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, encoder_hidden_states):
+        self.calls.append((x.shape[0], t.tolist(), encoder_hidden_states[:, 0, 0].tolist()))
+        return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+
+def test_sample_xt_runs_k_guided_steps_with_the_pair_in_one_batch():
+    scheduler = DDIMScheduler(**SCHEDULE)
+    unet = Recorder()
+    cond = {"encoder_hidden_states": torch.ones(2, 3, 4)}
+    uncond = {"encoder_hidden_states": torch.zeros(2, 3, 4)}
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    x0 = sample_xt(unet, scheduler, cond, uncond, 0, 50, 3.0, gen, (2, 4, 8, 8), torch.float32, "cpu")
+    assert torch.equal(x0, noise) and unet.calls == []
+    x = sample_xt(unet, scheduler, cond, uncond, 3, 50, 3.0, torch.Generator().manual_seed(0), (2, 4, 8, 8),
+                  torch.float32, "cpu")
+    assert len(unet.calls) == 3
+    assert all(n == 4 and e == [1.0, 1.0, 0.0, 0.0] for n, _, e in unet.calls)
+    assert [c[1][0] for c in unet.calls] == [981, 961, 941]
+    # with a zero-noise prediction each DDIM step rescales x by sqrt(alpha_prev / alpha)
+    a = scheduler.alphas_cumprod
+    assert torch.allclose(x, noise * (a[921] / a[981]).sqrt(), atol=1e-5)
