@@ -145,7 +145,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() and start else [])
-            if json.loads(line)["step"] < start]
+            if json.loads(line)["step"] <= start]
     log = open(log_path, "w")
     log.writelines(line + "\n" for line in kept)
     t0 = time.time()
