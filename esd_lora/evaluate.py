@@ -110,7 +110,7 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
 def format_report(report: dict) -> str:
     """The report as Markdown."""
     s = report["settings"]
-    lines = [f"# Erasure report", "", f"Model `{report['model']}`, adapters: "
+    lines = ["# Erasure report", "", f"Model `{report['model']}`, adapters: "
              + ", ".join(f"`{a}`" for a in report["adapters"]) + f". Erased: {', '.join(report['erased'])}.",
              f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} DDIM steps, "
              f"guidance {s['guidance']}, scored by {s['scorer']}.", "",
