@@ -12,16 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
-from .toy.vocab import KINDS, kind_of
+from .toy.vocab import KINDS, WORD_TO_CONCEPT, kind_of
 
 
 def named_concepts(prompt: str) -> list[str]:
     """Toy concepts a prompt names, by name or synonym."""
-    lookup = {w: c for table in KINDS.values() for c, syn in table.items() for w in (c, *syn)}
     found = []
     for word in prompt.lower().replace(",", " ").split():
-        if word in lookup and lookup[word] not in found:
-            found.append(lookup[word])
+        if word in WORD_TO_CONCEPT and WORD_TO_CONCEPT[word] not in found:
+            found.append(WORD_TO_CONCEPT[word])
     return found
 
 

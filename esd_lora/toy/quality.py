@@ -25,43 +25,29 @@ def triple_prompts() -> list[tuple[str, dict[str, str]]]:
     return out
 
 
-def detection_rate(predicted: list[str], concept: str) -> float:
-    return sum(p == concept for p in predicted) / len(predicted)
-
-
 def quality_table(model: str | Path = "toy", classifier_path: str | Path | None = None, n: int = 32,
                   seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict:
     """Detection rates for every concept by name and by synonym, for three-attribute prompts, and
     the colours and shapes the unconditional model produces."""
+    from ..evaluate import Scorer, detection_rates
     from ..models import load_pipeline
     from .classifier import load_classifier
 
     pipe = load_pipeline(str(model))
     classifier = load_classifier(classifier_path)
-    seeds = list(range(seed, seed + n))
-
-    jobs: list[tuple[str, str, str]] = []  # (concept, word, prompt)
-    for table in KINDS.values():
-        for concept, synonyms in table.items():
-            jobs += [(concept, w, concept_prompt(w, concept)) for w in (concept, *synonyms)]
+    jobs = [(concept, w, concept_prompt(w, concept))
+            for table in KINDS.values() for concept, synonyms in table.items() for w in (concept, *synonyms)]
     triples = triple_prompts()
-    prompts = [p for _, _, p in jobs] + [p for p, _ in triples]
-    uncond_seeds = list(range(seed, seed + 4 * n))  # more draws: all 8 colours and 8 shapes should show up
-    images = generate(pipe, [p for p in prompts for _ in seeds] + [""] * len(uncond_seeds),
-                      seeds * len(prompts) + uncond_seeds, steps, guidance)
-    predicted = classifier.predict(images)
-
-    def block(i: int, kind: str) -> list[str]:
-        return predicted[kind][i * n:(i + 1) * n]
-
+    rates, _ = detection_rates(pipe, [p for _, _, p in jobs] + [p for p, _ in triples], n, seed,
+                               Scorer(classifier), steps, guidance)
     single: dict[str, dict[str, float]] = {}
-    for i, (concept, word, _) in enumerate(jobs):
-        single.setdefault(concept, {})[word] = detection_rate(block(i, kind_of(concept)), concept)
-    triple = {}
-    for j, (prompt, attrs) in enumerate(triples):
-        i = len(jobs) + j
-        triple[prompt] = {kind: detection_rate(block(i, kind), c) for kind, c in attrs.items()}
-    unconditional = {kind: sorted(set(predicted[kind][len(prompts) * n:])) for kind in KINDS}
+    for concept, word, prompt in jobs:
+        single.setdefault(concept, {})[word] = rates[prompt][concept]
+    triple = {prompt: {kind: rates[prompt][c] for kind, c in attrs.items()} for prompt, attrs in triples}
+    # more unconditional draws, so that all 8 colours and 8 shapes can show up
+    uncond = generate(pipe, [""] * (4 * n), list(range(seed, seed + 4 * n)), steps, guidance)
+    predicted = classifier.predict(uncond)
+    unconditional = {kind: sorted(set(predicted[kind])) for kind in KINDS}
     return {
         "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM"},
         "single": single,

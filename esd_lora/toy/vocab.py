@@ -48,6 +48,9 @@ EOS_TOKEN = "<|endoftext|>"
 MAX_TOKENS = 32
 
 
+WORD_TO_CONCEPT: dict[str, str] = {w: c for table in KINDS.values() for c, syn in table.items() for w in (c, *syn)}
+
+
 def kind_of(concept: str) -> str:
     """Which attribute ('colour', 'shape' or 'texture') a concept name belongs to."""
     for kind, table in KINDS.items():
