@@ -70,13 +70,13 @@ def lora_config(rank: int, alpha: float, dropout: float, init: str, modules: lis
 
 
 def unet_hash(unet: nn.Module) -> str:
-    """sha256 of the base UNet's weights (as loaded, in fp32), skipping any adapter tensors."""
+    """sha256 of the base UNet's weight names, shapes and values (as loaded, in fp32), skipping adapter tensors."""
     digest = hashlib.sha256()
     for name, tensor in sorted(unet.state_dict().items()):
         if "lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")
-        digest.update(name.encode())
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 

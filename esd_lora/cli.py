@@ -47,9 +47,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate, format_report
-    from .io import atomic_write_json, atomic_write_text
-    from .sample import save_png
+    from .evaluate import evaluate
 
     prompts = None
     if args.prompts:
@@ -57,18 +55,74 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if not prompts:
             raise ValueError(f"--prompts {args.prompts}: no prompts in the file")
     report, grid = evaluate(args.model, args.adapter, args.concepts, prompts, args.n, args.seed, args.steps,
-                            args.guidance)
-    out = Path(args.out)
+                            args.guidance, erased_model=args.erased_model)
+    _write_report(report, grid, Path(args.out))
+
+
+def _write_report(report: dict, grid, out: Path) -> None:
+    from .evaluate import format_report
+    from .io import atomic_write_json, atomic_write_text
+    from .sample import save_png
+
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", format_report(report))
     save_png(grid, out / "grid.png")
     print(format_report(report))
 
 
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from .merge import merge
+
+    out = merge(args.base, args.adapters, args.out, args.weights, args.single_file, args.allow_pickle, args.dtype)
+    print(f"wrote {out}" + (f" and {args.single_file}" if args.single_file else ""))
+
+
+def _cmd_stack(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate, named_concepts
+    from .recipe import load_recipe
+    from .stack import stack
+
+    training = args.strategy in ("sequential", "joint")
+    recipes = [load_recipe(r) for r in args.inputs] if training else []
+    preserve = Path(args.preserve).read_text().splitlines() if args.preserve else []
+    out, headers = stack(args.base, args.strategy, args.out, [] if training else args.inputs, recipes,
+                         args.weights, [p.strip() for p in preserve if p.strip()])
+    print(f"wrote {out}")
+    if args.report:
+        concepts = args.concepts or list(dict.fromkeys(
+            c for h in headers for p in json.loads(h.get("esd_lora.concepts", "[]")) for c in named_concepts(p)))
+        report, grid = evaluate(args.base, [], concepts, n=args.n, erased_model=str(out))
+        _write_report(report, grid, out.with_name(out.name + "-report"))
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from .merge import verify
+
+    result = verify(args.merged, args.base, args.adapters, args.weights, args.allow_pickle)
+    worst = sorted(result["tensors"].items(), key=lambda kv: -kv[1])[: args.top]
+    print(f"{len(result['tensors'])} tensors compared; largest |difference| {result['max_abs_diff']:.3g} "
+          f"({result['worst_tensor']})")
+    for name, diff in worst:
+        print(f"  {diff:.3g}  {name}")
+    if args.json:
+        from .io import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    if result["max_abs_diff"] > args.tolerance:
+        raise ValueError(f"{args.merged} differs from the recomputed merge by {result['max_abs_diff']:.3g} "
+                         f"(> {args.tolerance})")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_adapter
+
+    print(f"wrote {export_adapter(args.adapter, args.out, args.format)}")
+
+
 def _cmd_toy_build(args: argparse.Namespace) -> None:
     from .toy.build import BuildConfig, build
 
-    cfg = BuildConfig(seed=args.seed, unet_steps=args.unet_steps)
+    cfg = BuildConfig(seed=args.seed, unet_steps=args.unet_steps, unet_extra_steps=args.unet_extra_steps)
     report = build(args.work, cfg, install=args.install)
     print(json.dumps({k: v for k, v in report.items() if k != "quality"}, indent=2))
 
@@ -120,8 +174,49 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    e.add_argument("--erased-model", help="measure this (merged) model against MODEL instead of MODEL + adapters")
     e.add_argument("--out", required=True, help="folder for report.json, report.md and grid.png")
     e.set_defaults(func=_cmd_eval)
+
+    m = sub.add_parser("merge", help="fold adapters into the base weights; write a diffusers pipeline folder")
+    m.add_argument("adapters", nargs="+", help="adapter folders or files")
+    m.add_argument("--base", default="toy", help="`toy`, a diffusers folder or a hub id (default: toy)")
+    m.add_argument("--out", required=True, help="pipeline folder to write")
+    m.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1)")
+    m.add_argument("--single-file", help="also write the original SD layout to this .safetensors (SD 1.x/2.x)")
+    m.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="stored dtype (default fp32)")
+    m.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle (.ckpt/.bin) base")
+    m.set_defaults(func=_cmd_merge)
+
+    st = sub.add_parser("stack", help="several erasures in one model: sum, fuse, sequential or joint")
+    st.add_argument("inputs", nargs="+", help="adapters (sum, fuse) or recipes (sequential, joint)")
+    st.add_argument("--strategy", default="sum", choices=["sum", "fuse", "sequential", "joint"])
+    st.add_argument("--base", default="toy")
+    st.add_argument("--out", required=True, help="pipeline folder to write")
+    st.add_argument("--weights", type=float, nargs="+", help="sum: one weight per adapter (default 1)")
+    st.add_argument("--preserve", help="fuse: a file of prompts whose outputs must not change, one per line")
+    st.add_argument("--report", action="store_true",
+                    help="measure every erased and kept concept, base against stacked (<out>-report/)")
+    st.add_argument("--concepts", nargs="+", help="erased concepts for the report (default: from the adapters)")
+    st.add_argument("--n", type=int, default=64, help="report: images per prompt (default 64)")
+    st.set_defaults(func=_cmd_stack)
+
+    v = sub.add_parser("verify", help="recompute a merge and report the largest difference per tensor")
+    v.add_argument("merged", help="the merged pipeline folder")
+    v.add_argument("--base", default="toy")
+    v.add_argument("--adapters", nargs="+", default=[], help="the adapters it should contain")
+    v.add_argument("--weights", type=float, nargs="+")
+    v.add_argument("--tolerance", type=float, default=1e-5, help="fail above this |difference| (default 1e-5)")
+    v.add_argument("--top", type=int, default=5, help="show this many largest differences")
+    v.add_argument("--json", help="also write every tensor's difference as JSON here")
+    v.add_argument("--allow-pickle", action="store_true")
+    v.set_defaults(func=_cmd_verify)
+
+    x = sub.add_parser("export", help="write an adapter as a kohya (A1111, ComfyUI) or diffusers LoRA file")
+    x.add_argument("adapter", help="adapter folder or file")
+    x.add_argument("--format", default="kohya", choices=["kohya", "diffusers"])
+    x.add_argument("--out", required=True, help=".safetensors file to write")
+    x.set_defaults(func=_cmd_export)
 
     toy = sub.add_parser("toy", help="the toy world: build it, measure it").add_subparsers(dest="toy", required=True)
     b = toy.add_parser("build", help="train the toy classifier, autoencoder and pipeline (about 90 min, 2 cores)")
@@ -129,6 +224,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--install", action="store_true", help="copy the result into the package as the `toy` model")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--unet-steps", type=int, default=4000)
+    b.add_argument("--unet-extra-steps", type=int, default=4000,
+                   help="further training from the --unet-steps pipeline, on a fresh lr cycle (0: none)")
     b.set_defaults(func=_cmd_toy_build)
     q = toy.add_parser("quality", help="measure a toy pipeline's concept detection table")
     q.add_argument("--model", default="toy")
@@ -146,7 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     from .models import ModelLoadError
     from .recipe import RecipeError
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     args = parser().parse_args(argv)
+    diffusers_logging.disable_progress_bar()  # loading bars would bury a one-line error; work bars stay
+    transformers_logging.disable_progress_bar()
     try:
         args.func(args)
     except (RecipeError, ModelLoadError, TargetError, AdapterError, ValueError, FileNotFoundError) as err:

@@ -75,8 +75,9 @@ def summarize(before: dict, after: dict, erased: list[str]) -> dict:
 
 def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[str] | None = None, n: int = 64,
              seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-             progress: bool = True) -> tuple[dict, "object"]:
-    """Detection rates before and after loading the adapters, with the summary; returns (report, grid image)."""
+             progress: bool = True, erased_model: str | None = None) -> tuple[dict, "object"]:
+    """Detection rates of `model` against `erased_model` (default: the same model) with the adapters loaded,
+    and the summary; returns (report, grid image). A merged model is measured with `erased_model`."""
     import torch
 
     from .adapter import load_adapters
@@ -90,6 +91,8 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
     pipe = load_pipeline(model)
     scorer = Scorer(load_classifier())
     before, base_images = detection_rates(pipe, prompts, n, seed, scorer, steps, guidance, progress)
+    if erased_model:
+        pipe = load_pipeline(erased_model)
     load_adapters(pipe, adapters)
     after, erased_images = detection_rates(pipe, prompts, n, seed, scorer, steps, guidance, progress)
     shown = min(n, 4)
@@ -98,7 +101,8 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
         rows += [base_images[i * n:i * n + shown], erased_images[i * n:i * n + shown]]
     grid = to_pil_grid(torch.cat(rows), cols=2 * shown, scale=3)
     report = {
-        "model": model, "adapters": [str(a) for a in adapters], "erased": erased,
+        "model": model, "erased_model": erased_model or model, "adapters": [str(a) for a in adapters],
+        "erased": erased,
         "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scorer": "toy-classifier"},
         "prompts": {p: {c: {"base": before[p][c], "erased": after[p][c]} for c in before[p]} for p in prompts},
         "summary": summarize(before, after, erased),
@@ -109,8 +113,9 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
 def format_report(report: dict) -> str:
     """The report as Markdown."""
     s = report["settings"]
-    lines = ["# Erasure report", "", f"Model `{report['model']}`, adapters: "
-             + ", ".join(f"`{a}`" for a in report["adapters"]) + f". Erased: {', '.join(report['erased'])}.",
+    lines = ["# Erasure report", "", f"Base `{report['model']}`, erased model `{report['erased_model']}`, adapters: "
+             + (", ".join(f"`{a}`" for a in report["adapters"]) or "none")
+             + f". Erased: {', '.join(report['erased'])}.",
              f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} DDIM steps, "
              f"guidance {s['guidance']}, scored by {s['scorer']}.", "",
              "| prompt | concept | base | erased | |", "|---|---|---|---|---|"]

@@ -16,6 +16,9 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message is one line for the user."""
 
@@ -36,19 +39,34 @@ def family(pipe) -> str:
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
 
 
+def version(pipe) -> str:
+    """'sd1', 'sd2' or 'sdxl': the base family an adapter or a merged file belongs to."""
+    if family(pipe) == "sdxl":
+        return "sdxl"
+    config = pipe.unet.config
+    return "sd2" if config.use_linear_projection or config.cross_attention_dim == 1024 else "sd1"
+
+
 def load_pipeline(model: str = TOY, dtype: str | torch.dtype = "fp32", revision: str | None = None,
-                  device: str | torch.device = "cpu"):
-    """Load an SD-family pipeline (SD 1.x, 2.x or SDXL) with no safety checker and a quiet progress bar."""
+                  device: str | torch.device = "cpu", allow_pickle: bool = False):
+    """Load an SD-family pipeline (SD 1.x, 2.x or SDXL) with no safety checker and a quiet progress bar.
+
+    Weights are read from safetensors only: a pickle checkpoint can run code when loaded, so it is
+    refused unless `allow_pickle` says the user trusts it.
+    """
     from diffusers import DiffusionPipeline
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     source = resolve(model)
     local = Path(source).exists()
+    if Path(source).suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(f"refusing to load pickle checkpoint {source} (it can run code); "
+                             "pass --allow-pickle if you trust it")
     if not local and source.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"cannot load model {model!r}: no such folder")
     if local and not (Path(source) / "model_index.json").exists():
         raise ModelLoadError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
-    kwargs = {"dtype": torch_dtype, "revision": revision}
+    kwargs = {"dtype": torch_dtype, "revision": revision, "use_safetensors": not allow_pickle}
     if not local:
         kwargs["safety_checker"] = None
     try:

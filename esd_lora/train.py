@@ -27,7 +27,7 @@ from . import __version__
 from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules,
                       unet_hash)
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
-from .models import Conditioner, load_pipeline
+from .models import Conditioner, load_pipeline, version
 from .objective import adapters_off, esd_loss, esd_target, frozen_predictions
 from .recipe import Recipe, RecipeError, dump_recipe
 from .sampler import loss_timestep, sample_xt, unet_eps
@@ -205,7 +205,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
     summary = {"output": str(out), "steps": cfg.steps, "seconds": round(time.time() - t0, 2),
                "peak_memory_mb": round(_peak_memory_mb(device), 1), "final_loss": loss_value}
     if accelerator.is_main_process:
-        _save_result(recipe, accelerator.unwrap_model(student), modules, base_hash, out)
+        _save_result(recipe, accelerator.unwrap_model(student), modules, base_hash, version(pipe), out)
         atomic_write_json(out / "summary.json", summary)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return summary
@@ -221,7 +221,8 @@ def _save_checkpoint(out: Path, step: int, unet, optimizer) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_result(recipe: Recipe, unet, modules: list[str], base_hash: str, out: Path) -> None:
+def _save_result(recipe: Recipe, unet, modules: list[str], base_hash: str, base_family: str,
+                 out: Path) -> None:
     """The adapter (or classic weights) with provenance in the safetensors header, and the resolved recipe."""
     metadata = {
         "esd_lora.concepts": json.dumps(recipe.concept.prompts),
@@ -233,6 +234,7 @@ def _save_result(recipe: Recipe, unet, modules: list[str], base_hash: str, out: 
         "esd_lora.base_model": recipe.model.id,
         "esd_lora.base_revision": recipe.model.revision or "",
         "esd_lora.base_unet_sha256": base_hash,
+        "esd_lora.base_family": base_family,
         "esd_lora.versions": json.dumps(_versions()),
         "esd_lora.recipe_name": recipe.name,
     }

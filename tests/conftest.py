@@ -73,3 +73,40 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(params=FAMILIES)
 def tiny_model(request, tiny_models) -> tuple[str, Path]:
     return request.param, tiny_models[request.param]
+
+
+def make_adapter(model: Path, out: Path, prompts: list[str], targets: str = "esd-x", seed: int = 0,
+                 alpha: float = 8.0) -> Path:
+    """An adapter folder for a tiny model, with random (non-zero) LoRA weights and the provenance
+    header a trained one has: merging and exporting only need a delta, not a good erasure."""
+    import json
+
+    from esd_lora.adapter import ADAPTER_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules, unet_hash
+    from esd_lora.models import load_pipeline, version
+
+    pipe = load_pipeline(str(model))
+    unet = pipe.unet
+    metadata = {"esd_lora.base_unet_sha256": unet_hash(unet), "esd_lora.base_family": version(pipe),
+                "esd_lora.concepts": json.dumps(prompts), "esd_lora.recipe_name": out.name,
+                "esd_lora.eta": "1.0", "esd_lora.target_spec": json.dumps(targets), "esd_lora.steps": "0"}
+    unet.add_adapter(lora_config(4, alpha, 0.0, "default", select_modules(unet, targets)), adapter_name=ADAPTER_NAME)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    out.mkdir(parents=True, exist_ok=True)
+    save_lora(unet, out / WEIGHTS_NAME, metadata)
+    (out / "recipe.yaml").write_text(f"concept:\n  prompts: {json.dumps(prompts)}\n  preserve: ['a blue shape']\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Adapters for the tiny SD 1.x model (two of them, for stacking) and one for the SD 2.x model."""
+    root = tmp_path_factory.mktemp("tiny_adapters")
+    return {
+        "red": make_adapter(tiny_models["sd1"], root / "red", ["a red shape"], seed=1),
+        "star": make_adapter(tiny_models["sd1"], root / "star", ["a star"], targets="esd-x-strict", seed=2),
+        "sd2": make_adapter(tiny_models["sd2"], root / "sd2", ["a red shape"], seed=3),
+    }

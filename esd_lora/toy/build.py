@@ -4,6 +4,7 @@ Stages, each saved to the work folder so a rerun skips what is done:
 1. the concept classifier (ground truth for everything after it);
 2. the autoencoder, gated: the classifier must read its reconstructions as well as the renders;
 3. the text encoder and UNet, trained together on the autoencoder's latents;
+   3b. optionally, more training of both from stage 3's pipeline (`--unet-extra-steps`);
 4. the quality table of the finished pipeline.
 """
 
@@ -42,6 +43,8 @@ class BuildConfig:
     unet_steps: int = 4000
     batch_size: int = 64
     unet_lr: float = 5e-4
+    unet_extra_steps: int = 4000  # stage 3b, continuing from stage 3's pipeline
+    unet_extra_lr: float = 3e-4
     ema_decay: float = 0.999
 
 
@@ -142,10 +145,18 @@ def _recon_accuracy(vae, classifier, images, labels) -> dict[str, float]:
     return accuracy(classifier, recon, labels)
 
 
+def _latent_bank(vae, size: int, rng: np.random.Generator) -> tuple[list, torch.Tensor]:
+    """Render `size` random scenes and encode them once; the UNet trains on these latents."""
+    scenes = [random_scene(rng) for _ in range(size)]
+    with torch.no_grad():
+        images = to_tensor(render_batch(scenes))
+        latents = torch.cat([vae.encode(x).latent_dist.mode() for x in tqdm(images.split(500), desc="encode")])
+    return scenes, latents
+
+
 def train_unet(work: Path, cfg: BuildConfig) -> Path:
-    """Train text encoder and UNet together; writes the pipeline folder and returns it."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-    from diffusers.training_utils import EMAModel
+    """Stage 3: train text encoder and UNet together from scratch; writes work/pipeline."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = work / "pipeline"
@@ -153,44 +164,72 @@ def train_unet(work: Path, cfg: BuildConfig) -> Path:
         return out
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 2)
-    py_rng = random.Random(cfg.seed + 3)
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     build_tokenizer(work / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
-
-    scenes = [random_scene(rng) for _ in range(cfg.bank_size)]
-    with torch.no_grad():
-        images = to_tensor(render_batch(scenes))
-        latents = torch.cat([vae.encode(x).latent_dist.mode() for x in tqdm(images.split(500), desc="encode")])
+    scenes, latents = _latent_bank(vae, cfg.bank_size, rng)
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
-    latents = latents * scaling
     print(f"latent scaling factor {scaling:.4f}", flush=True)
-
     text = CLIPTextModel(CLIPTextConfig(**text_config(len(tokenizer))))
     unet = UNet2DConditionModel(**unet_config())
+    _fit(work, out, unet, text, vae, tokenizer, scenes, latents * scaling, cfg.unet_steps, cfg.unet_lr, 200,
+         cfg, rng, random.Random(cfg.seed + 3), stage="unet")
+    return out
+
+
+def extend_unet(work: Path, cfg: BuildConfig) -> Path:
+    """Stage 3b: train stage 3's (EMA) text encoder and UNet further, on a fresh bank and a fresh cosine cycle.
+
+    Colours and textures are learnt within 2,000 steps; shapes need far longer. Continuing from a
+    finished pipeline lets the build be spread over working sessions and stay reproducible.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    src = work / "pipeline"
+    if cfg.unet_extra_steps == 0:
+        return src
+    out = work / f"pipeline_plus{cfg.unet_extra_steps}"
+    if (out / "model_index.json").exists():
+        return out
+    pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32)
+    torch.manual_seed(cfg.seed + 10)
+    rng = np.random.default_rng(cfg.seed + 12)
+    scenes, latents = _latent_bank(pipe.vae.eval(), cfg.bank_size, rng)
+    _fit(work, out, pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, scenes,
+         latents * pipe.vae.config.scaling_factor, cfg.unet_extra_steps, cfg.unet_extra_lr, 100, cfg, rng,
+         random.Random(cfg.seed + 13), stage="unet_extra")
+    return out
+
+
+def _fit(work: Path, out: Path, unet, text, vae, tokenizer, scenes: list, latents: torch.Tensor, steps: int,
+         lr: float, warmup: int, cfg: BuildConfig, rng: np.random.Generator, py_rng: random.Random,
+         stage: str) -> None:
+    """The denoising loop: epsilon loss with min-SNR-5 weighting, cosine lr, EMA; saves the EMA pipeline."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
     noise_sched = DDPMScheduler.from_config(DDIMScheduler(**scheduler_config()).config)
     params = list(unet.parameters()) + list(text.parameters())
     ema = EMAModel(params, decay=cfg.ema_decay)
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     log = open(work / "unet_log.jsonl", "a")
     unet.train()
     text.train()
     t0 = time.time()
-    for step in (bar := tqdm(range(cfg.unet_steps), desc="unet")):
+    for step in (bar := tqdm(range(steps), desc=stage)):
         for group in opt.param_groups:
-            group["lr"] = cfg.unet_lr * _cosine(step, cfg.unet_steps, warmup=200)
-        idx = rng.integers(0, cfg.bank_size, cfg.batch_size)
+            group["lr"] = lr * _cosine(step, steps, warmup=warmup)
+        idx = rng.integers(0, len(scenes), cfg.batch_size)
         captions = [random_caption(scenes[i].colour, scenes[i].shape, scenes[i].texture, py_rng) for i in idx]
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                         return_tensors="pt").input_ids
         x0 = latents[torch.from_numpy(idx)]
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (cfg.batch_size,))
-        xt = noise_sched.add_noise(x0, noise, t)
-        pred = unet(xt, t, text(ids)[0]).sample
+        pred = unet(noise_sched.add_noise(x0, noise, t), t, text(ids)[0]).sample
         weight = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 weighting for epsilon prediction
         loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         opt.zero_grad()
@@ -199,13 +238,12 @@ def train_unet(work: Path, cfg: BuildConfig) -> Path:
         opt.step()
         ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        log.write(json.dumps({"step": step, "loss": loss.item(), "time": time.time() - t0}) + "\n")
-        if (step + 1) % 1000 == 0 or step + 1 == cfg.unet_steps:
+        log.write(json.dumps({"stage": stage, "step": step, "loss": loss.item(), "time": time.time() - t0}) + "\n")
+        if (step + 1) % 1000 == 0 or step + 1 == steps:
             log.flush()
-            _save_pipeline(work / ("pipeline" if step + 1 == cfg.unet_steps else "pipeline_snapshot"),
-                           unet, text, ema, params, vae, tokenizer)
+            _save_pipeline(out if step + 1 == steps else work / "pipeline_snapshot", unet, text, ema, params, vae,
+                           tokenizer)
     log.close()
-    return out
 
 
 def _save_pipeline(out: Path, unet, text, ema, params, vae, tokenizer) -> None:
@@ -246,7 +284,8 @@ def build(work: str | Path, cfg: BuildConfig | None = None, install: bool = Fals
     if min(report["vae_reconstruction_accuracy"].values()) < GATE:
         raise RuntimeError(f"autoencoder gate missed: {report['vae_reconstruction_accuracy']} < {GATE}")
     report["minutes_to_unet"] = (time.time() - t0) / 60
-    pipeline_dir = train_unet(work, cfg)
+    train_unet(work, cfg)
+    pipeline_dir = extend_unet(work, cfg)
     report["build_minutes"] = (time.time() - t0) / 60
     atomic_write_json(work / "build_report.json", report)
     if install:

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from esd_lora.adapter import AdapterError, load_adapters
+from esd_lora.cli import main
+from esd_lora.merge import merge, verify
+from esd_lora.models import ModelLoadError, load_pipeline
+from esd_lora.sample import generate
+
+
+def _unet_output(pipe, seed=0):
+    torch.manual_seed(seed)
+    size = pipe.unet.config.sample_size
+    x = torch.randn(2, pipe.unet.config.in_channels, size, size)
+    text = torch.randn(2, 32, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([500, 100]), text).sample
+
+
+def test_merged_pipeline_equals_base_plus_adapters_and_has_no_lora_left(tiny_models, tiny_adapters, tmp_path):
+    adapters = [tiny_adapters["red"], tiny_adapters["star"]]
+    out = merge(str(tiny_models["sd1"]), adapters, tmp_path / "merged", weights=[1.0, 0.5])
+    merged = load_pipeline(str(out))
+    assert not any("lora" in k or "base_layer" in k for k in merged.unet.state_dict())
+    live = load_pipeline(str(tiny_models["sd1"]))
+    load_adapters(live, adapters, [1.0, 0.5])
+    assert (_unet_output(merged) - _unet_output(live)).abs().max() <= 1e-5
+    images = [generate(p, ["a red shape"] * 2, [0, 1], steps=3, progress=False) for p in (merged, live)]
+    assert (images[0] - images[1]).abs().max() <= 1e-5
+
+
+def test_every_weight_file_carries_provenance_and_the_card_lists_the_erasures(tiny_models, tiny_adapters, tmp_path):
+    out = merge(str(tiny_models["sd1"]), [tiny_adapters["red"]], tmp_path / "merged")
+    files = list(out.rglob("*.safetensors"))
+    assert len(files) == 3
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata()
+        assert json.loads(meta["esd_lora.erased"]) == [["a red shape"]]
+        assert len(json.loads(meta["esd_lora.adapters_sha256"])[0]) == 64 and meta["esd_lora.base_unet_sha256"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "base_model_relation: merge" in card and "| a red shape |" in card
+
+
+def test_single_file_export_reloads_offline_with_the_same_outputs(tiny_models, tiny_adapters, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    single = tmp_path / "merged.safetensors"
+    out = merge(str(tiny_models["sd1"]), [tiny_adapters["red"]], tmp_path / "merged", single_file=single)
+    with safe_open(str(single), "pt") as f:
+        keys = list(f.keys())
+        assert json.loads(f.metadata()["esd_lora.erased"]) == [["a red shape"]]
+    assert any(k.startswith("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k") for k in keys)
+    assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
+    reloaded = StableDiffusionPipeline.from_single_file(str(single), config=str(out), local_files_only=True,
+                                                        safety_checker=None)
+    merged = load_pipeline(str(out))
+    for component in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(merged, component).state_dict(), getattr(reloaded, component).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), component
+
+
+def test_verify_reports_zero_for_an_honest_merge_and_catches_a_tampered_one(tiny_models, tiny_adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = merge(str(tiny_models["sd1"]), [tiny_adapters["red"]], tmp_path / "merged")
+    assert verify(out, str(tiny_models["sd1"]), [tiny_adapters["red"]])["max_abs_diff"] == 0.0
+    file = out / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(file))
+    key = next(k for k in state if k.endswith("attn2.to_k.weight"))
+    state[key][0, 0] += 0.25
+    save_file(state, str(file))
+    result = verify(out, str(tiny_models["sd1"]), [tiny_adapters["red"]])
+    assert result["worst_tensor"] == f"unet.{key}" and result["max_abs_diff"] == pytest.approx(0.25, abs=1e-6)
+    assert main(["verify", str(out), "--base", str(tiny_models["sd1"]), "--adapters", str(tiny_adapters["red"])]) == 2
+
+
+@pytest.mark.parametrize("which, words", [
+    ("missing", "no such file or folder"),
+    ("other_base", "trained for another base model"),
+    ("other_family", "trained for an sd2 model"),
+])
+def test_bad_adapters_give_one_error_and_write_nothing(which, words, tiny_models, tiny_adapters, tmp_path, capsys):
+    from conftest import make_adapter
+
+    adapter = {"missing": tmp_path / "nothing", "other_family": tiny_adapters["sd2"]}.get(which)
+    if which == "other_base":
+        adapter = make_adapter(tiny_models["sdxl"], tmp_path / "xl", ["x"])  # an sdxl adapter without a family field is caught by its base hash
+        from esd_lora.adapter import WEIGHTS_NAME, read_metadata
+        from safetensors.torch import load_file, save_file
+
+        file = adapter / WEIGHTS_NAME
+        meta = read_metadata(file)
+        del meta["esd_lora.base_family"]
+        save_file(load_file(str(file)), str(file), metadata=meta)
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["merge", str(adapter), "--base", str(tiny_models["sd1"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()
+
+
+def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not loaded")
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_pipeline(str(ckpt))
+    with pytest.raises(AdapterError, match="only .safetensors"):
+        merge("toy", [ckpt], tmp_path / "out")
