@@ -1,8 +1,10 @@
 """Measure an erasure: how often each named concept still appears, base against erased, same seeds.
 
-On the toy model the toy classifier reads the images. A prompt is scored on every toy concept it
-names (by name or synonym). Efficacy is the detection rate of the erased concepts; specificity is
-each kept concept's rate as a fraction of the base model's.
+On the toy model the toy classifier reads the images, and a prompt is scored on every toy concept it
+names (by name or synonym). On real models CLIP does, zero-shot: each image goes to the best-matching
+label among the erased and kept concepts, and a prompt is scored on every label it contains.
+Efficacy is the detection rate of the erased concepts; specificity is each kept concept's rate as a
+fraction of the base model's.
 """
 
 from __future__ import annotations
@@ -47,7 +49,50 @@ class Scorer:
         return {c: float(np.mean([p == c for p in predicted[kind_of(c)]])) for c in named_concepts(prompt)}
 
 
-def detection_rates(pipe, prompts: list[str], n: int, seed: int, scorer: Scorer, steps: int = DEFAULT_STEPS,
+class ClipScorer:
+    """CLIP zero-shot detection: an image shows the label whose text embedding is closest to its own."""
+
+    def __init__(self, model: str, labels: list[str]) -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        from .models import ModelLoadError
+
+        if len(labels) < 2:
+            raise ValueError("CLIP scoring needs alternatives: name the kept concepts too (--kept)")
+        self.labels = labels
+        try:
+            self.model = CLIPModel.from_pretrained(model).eval()
+            self.processor = CLIPProcessor.from_pretrained(model)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"cannot load CLIP model {model!r}: {first}") from None
+        import torch
+
+        with torch.no_grad():
+            text = self.processor(text=labels, return_tensors="pt", padding=True)
+            self.text = torch.nn.functional.normalize(self._features(self.model.get_text_features(**text)), dim=-1)
+
+    @staticmethod
+    def _features(out):
+        """Projected features: transformers 4 returns them as a tensor, 5 as an output's pooler_output."""
+        import torch
+
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def __call__(self, images, prompt: str) -> dict[str, float]:
+        import torch
+
+        named = [label for label in self.labels if label.lower() in prompt.lower()]
+        with torch.no_grad():
+            pixels = self.processor(images=list((images.clamp(-1, 1) + 1) / 2), return_tensors="pt",
+                                    do_rescale=False).pixel_values
+            image = torch.nn.functional.normalize(self._features(self.model.get_image_features(pixel_values=pixels)),
+                                                  dim=-1)
+        best = (image @ self.text.T).argmax(dim=-1)
+        return {label: float((best == self.labels.index(label)).float().mean()) for label in named}
+
+
+def detection_rates(pipe, prompts: list[str], n: int, seed: int, scorer, steps: int = DEFAULT_STEPS,
                     guidance: float = DEFAULT_GUIDANCE, progress: bool = True) -> tuple[dict, "object"]:
     """Per prompt, the rate of each named concept over n seeded images; also returns the images."""
     seeds = list(range(seed, seed + n))
@@ -75,9 +120,13 @@ def summarize(before: dict, after: dict, erased: list[str]) -> dict:
 
 def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[str] | None = None, n: int = 64,
              seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-             progress: bool = True, erased_model: str | None = None) -> tuple[dict, "object"]:
+             progress: bool = True, erased_model: str | None = None, clip: str | None = None,
+             kept: list[str] = ()) -> tuple[dict, "object"]:
     """Detection rates of `model` against `erased_model` (default: the same model) with the adapters loaded,
-    and the summary; returns (report, grid image). A merged model is measured with `erased_model`."""
+    and the summary; returns (report, grid image). A merged model is measured with `erased_model`.
+
+    With `clip` (a CLIP folder or hub id) CLIP scores the images against the labels erased + kept, and
+    the default prompts are the labels themselves; without it the toy classifier does."""
     import torch
 
     from .adapter import load_adapters
@@ -85,11 +134,15 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
     from .sample import to_pil_grid
     from .toy.classifier import load_classifier
 
-    for concept in erased:
-        kind_of(concept)  # unknown concepts fail here, before any image is made
-    prompts = prompts or default_prompts(erased)
+    if clip:
+        scorer = ClipScorer(clip, list(dict.fromkeys([*erased, *kept])))
+        prompts = prompts or scorer.labels
+    else:
+        for concept in erased:
+            kind_of(concept)  # unknown concepts fail here, before any image is made
+        scorer = Scorer(load_classifier())
+        prompts = prompts or default_prompts(erased)
     pipe = load_pipeline(model)
-    scorer = Scorer(load_classifier())
     before, base_images = detection_rates(pipe, prompts, n, seed, scorer, steps, guidance, progress)
     if erased_model:
         pipe = load_pipeline(erased_model)
@@ -103,7 +156,8 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
     report = {
         "model": model, "erased_model": erased_model or model, "adapters": [str(a) for a in adapters],
         "erased": erased,
-        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scorer": "toy-classifier"},
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance,
+                     "scorer": f"clip:{clip}" if clip else "toy-classifier"},
         "prompts": {p: {c: {"base": before[p][c], "erased": after[p][c]} for c in before[p]} for p in prompts},
         "summary": summarize(before, after, erased),
     }

@@ -110,3 +110,21 @@ def tiny_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
         "star": make_adapter(tiny_models["sd1"], root / "star", ["a star"], targets="esd-x-strict", seed=2),
         "sd2": make_adapter(tiny_models["sd2"], root / "sd2", ["a red shape"], seed=3),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny random CLIP model and processor, saved to disk for the real loading path."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = build_tokenizer(out / "_tokenizer")
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(out)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out

@@ -1,0 +1,50 @@
+import pytest
+
+from esd_lora.cli import main
+from esd_lora.evaluate import evaluate, named_concepts, summarize
+from esd_lora.models import ModelLoadError
+
+REPORT_FIELDS = {"model", "erased_model", "adapters", "erased", "settings", "prompts", "summary"}
+
+
+def test_named_concepts_reads_names_and_synonyms():
+    assert named_concepts("a crimson striped star") == ["red", "striped", "star"]
+    assert named_concepts("a photo of nothing") == []
+
+
+def test_summary_separates_erased_from_kept():
+    before = {"a red shape": {"red": 1.0}, "a blue shape": {"blue": 0.8}}
+    after = {"a red shape": {"red": 0.1}, "a blue shape": {"blue": 0.6}}
+    s = summarize(before, after, ["red"])
+    assert s["efficacy_max_detection"] == 0.1 and s["specificity_min_ratio"] == pytest.approx(0.75)
+
+
+def test_toy_report_of_a_model_against_itself_keeps_every_concept(tmp_path):
+    report, grid = evaluate("toy", [], ["red"], prompts=["a red shape", "a blue shape"], n=2, steps=4,
+                            progress=False, erased_model="toy")
+    assert set(report) == REPORT_FIELDS
+    assert report["prompts"]["a blue shape"]["blue"]["base"] == report["prompts"]["a blue shape"]["blue"]["erased"]
+    assert report["summary"]["efficacy_max_detection"] == report["prompts"]["a red shape"]["red"]["base"]
+    assert grid.size[0] > grid.size[1]
+
+
+def test_clip_scoring_on_a_tiny_pipeline_with_an_adapter(tiny_models, tiny_adapters, tiny_clip, tmp_path):
+    out = tmp_path / "report"
+    assert main(["eval", str(tiny_models["sd1"]), "--adapter", str(tiny_adapters["red"]), "--concepts", "red",
+                 "--kept", "blue", "green", "--clip", str(tiny_clip), "--n", "3", "--steps", "2",
+                 "--out", str(out)]) == 0
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == REPORT_FIELDS and report["settings"]["scorer"] == f"clip:{tiny_clip}"
+    assert list(report["prompts"]) == ["red", "blue", "green"]
+    for prompt, rates in report["prompts"].items():
+        assert list(rates) == [prompt] and all(0 <= r <= 1 for r in rates[prompt].values())
+    assert (out / "report.md").is_file() and (out / "grid.png").is_file()
+
+
+def test_clip_needs_alternatives_and_a_loadable_model(tiny_models, tiny_clip, tmp_path):
+    with pytest.raises(ValueError, match="alternatives"):
+        evaluate(str(tiny_models["sd1"]), [], ["red"], clip=str(tiny_clip))
+    with pytest.raises(ModelLoadError, match="cannot load CLIP model"):
+        evaluate(str(tiny_models["sd1"]), [], ["red"], kept=["blue"], clip=str(tmp_path / "no-clip"))
