@@ -55,7 +55,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if not prompts:
             raise ValueError(f"--prompts {args.prompts}: no prompts in the file")
     report, grid = evaluate(args.model, args.adapter, args.concepts, prompts, args.n, args.seed, args.steps,
-                            args.guidance, erased_model=args.erased_model, clip=args.clip, kept=args.kept)
+                            args.guidance, erased_model=args.erased_model, clip=args.clip, kept=args.kept,
+                            erased_from=args.erased_from)
     _write_report(report, grid, Path(args.out))
 
 
@@ -174,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    e.add_argument("--erased-from", nargs="+", default=[],
+                   help="the concepts count as erased only in prompts naming one of these subjects (erase_from)")
     e.add_argument("--clip", help="score with this CLIP model (folder or hub id) instead of the toy classifier")
     e.add_argument("--kept", nargs="+", default=[], help="with --clip: concepts that must survive (the alternatives)")
     e.add_argument("--erased-model", help="measure this (merged) model against MODEL instead of MODEL + adapters")

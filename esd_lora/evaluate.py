@@ -101,12 +101,20 @@ def detection_rates(pipe, prompts: list[str], n: int, seed: int, scorer, steps: 
     return {p: scorer(images[i * n:(i + 1) * n], p) for i, p in enumerate(prompts)}, images
 
 
-def summarize(before: dict, after: dict, erased: list[str]) -> dict:
+def is_erased(concept: str, prompt: str, erased: list[str], erased_from: list[str] = ()) -> bool:
+    """Whether the concept should be gone from this prompt's images: it is erased and, for an erasure
+    from given subjects only (`erase_from`), the prompt names one of them."""
+    if concept not in erased:
+        return False
+    return not erased_from or any(s in named_concepts(prompt) or s.lower() in prompt.lower() for s in erased_from)
+
+
+def summarize(before: dict, after: dict, erased: list[str], erased_from: list[str] = ()) -> dict:
     """Efficacy (worst erased-concept rate after) and specificity (worst kept-concept ratio to base)."""
     erased_rates, kept_ratios = [], []
     for prompt, rates in after.items():
         for concept, rate in rates.items():
-            if concept in erased:
+            if is_erased(concept, prompt, erased, erased_from):
                 erased_rates.append(rate)
             elif before[prompt][concept] > 0:
                 kept_ratios.append(rate / before[prompt][concept])
@@ -121,12 +129,13 @@ def summarize(before: dict, after: dict, erased: list[str]) -> dict:
 def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[str] | None = None, n: int = 64,
              seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
              progress: bool = True, erased_model: str | None = None, clip: str | None = None,
-             kept: list[str] = ()) -> tuple[dict, "object"]:
+             kept: list[str] = (), erased_from: list[str] = ()) -> tuple[dict, "object"]:
     """Detection rates of `model` against `erased_model` (default: the same model) with the adapters loaded,
     and the summary; returns (report, grid image). A merged model is measured with `erased_model`.
 
     With `clip` (a CLIP folder or hub id) CLIP scores the images against the labels erased + kept, and
-    the default prompts are the labels themselves; without it the toy classifier does."""
+    the default prompts are the labels themselves; without it the toy classifier does. With `erased_from`
+    (subject concepts), the erased concepts count as erased only in prompts naming a subject."""
     import torch
 
     from .adapter import load_adapters
@@ -155,11 +164,11 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
     grid = to_pil_grid(torch.cat(rows), cols=2 * shown, scale=3)
     report = {
         "model": model, "erased_model": erased_model or model, "adapters": [str(a) for a in adapters],
-        "erased": erased,
+        "erased": erased, "erased_from": list(erased_from),
         "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance,
                      "scorer": f"clip:{clip}" if clip else "toy-classifier"},
         "prompts": {p: {c: {"base": before[p][c], "erased": after[p][c]} for c in before[p]} for p in prompts},
-        "summary": summarize(before, after, erased),
+        "summary": summarize(before, after, erased, erased_from),
     }
     return report, grid
 
@@ -169,13 +178,14 @@ def format_report(report: dict) -> str:
     s = report["settings"]
     lines = ["# Erasure report", "", f"Base `{report['model']}`, erased model `{report['erased_model']}`, adapters: "
              + (", ".join(f"`{a}`" for a in report["adapters"]) or "none")
-             + f". Erased: {', '.join(report['erased'])}.",
+             + f". Erased: {', '.join(report['erased'])}"
+             + (f" (from {', '.join(report['erased_from'])} only)." if report["erased_from"] else "."),
              f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} DDIM steps, "
              f"guidance {s['guidance']}, scored by {s['scorer']}.", "",
              "| prompt | concept | base | erased | |", "|---|---|---|---|---|"]
     for prompt, rates in report["prompts"].items():
         for concept, r in rates.items():
-            role = "erased" if concept in report["erased"] else "kept"
+            role = "erased" if is_erased(concept, prompt, report["erased"], report["erased_from"]) else "kept"
             lines.append(f"| {prompt} | {concept} | {r['base']:.0%} | {r['erased']:.0%} | {role} |")
     sm = report["summary"]
     lines += [""]

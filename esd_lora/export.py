@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LORA_METADATA_KEY, WEIGHTS_NAME, AdapterError, adapter_file, read_metadata
+from .adapter import LORA_METADATA_KEY, AdapterError, adapter_file, read_metadata
 from .io import atomic_save_safetensors
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -24,6 +24,7 @@ LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
 UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                      "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -126,11 +127,10 @@ def save_single_file(pipe, path: str | Path, metadata: dict[str, str]) -> Path:
 
 
 def _lora_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:
+    """An adapter's tensors, header and LoRA config; classic ESD weights are refused."""
     from safetensors.torch import load_file
 
     file = adapter_file(path)
-    if file.name != WEIGHTS_NAME and not file.name.endswith(".safetensors"):
-        raise AdapterError(f"adapter {path}: not a LoRA adapter file")
     meta = read_metadata(file)
     if LORA_METADATA_KEY not in meta:
         raise AdapterError(f"adapter {path}: no LoRA config in its header (classic ESD weights cannot be exported "
@@ -161,7 +161,8 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya") -> Pat
         kohya[key] = torch.tensor(alpha)  # diffusers writes alpha = rank; keep the trained scale
     header = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-        "ss_base_model_version": "sd_v1", "ss_training_comment": "ESD concept erasure (esd-lora)",
+        "ss_base_model_version": KOHYA_BASE_VERSIONS.get(meta.get("esd_lora.base_family", "sd1"), "sd_v1"),
+        "ss_training_comment": "ESD concept erasure (esd-lora)",
         "ss_output_name": out.stem, **provenance,
     }
     atomic_save_safetensors(kohya, out, metadata=header)

@@ -19,6 +19,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -79,8 +80,13 @@ def _trainable_state(unet) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
-    """Run the recipe; returns a summary (output folder, time, peak memory, final loss)."""
+def train(recipe: Recipe, resume: bool = False, progress: bool = True,
+          on_step: Callable[[int, Any], bool] | None = None) -> dict:
+    """Run the recipe; returns a summary (output folder, time, peak memory, final loss).
+
+    on_step(step, pipe) is called after every step with the pipeline whose UNet is being trained
+    (adapter on), e.g. to measure the erasure as it forms; if it returns True, training stops there and
+    the adapter and resolved recipe are saved as of that step."""
     from accelerate import Accelerator
 
     cfg, concept = recipe.train, recipe.concept
@@ -200,9 +206,13 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict:
             every = recipe.output.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < cfg.steps:
                 _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer)
+        if on_step is not None and on_step(step + 1, pipe) and step + 1 < cfg.steps:
+            recipe = copy.deepcopy(recipe)
+            recipe.train.steps = step + 1
+            break
     log.close()
 
-    summary = {"output": str(out), "steps": cfg.steps, "seconds": round(time.time() - t0, 2),
+    summary = {"output": str(out), "steps": recipe.train.steps, "seconds": round(time.time() - t0, 2),
                "peak_memory_mb": round(_peak_memory_mb(device), 1), "final_loss": loss_value}
     if accelerator.is_main_process:
         _save_result(recipe, accelerator.unwrap_model(student), modules, base_hash, version(pipe), out)

@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from esd_lora.adapter import (ADAPTER_NAME, PRESETS, TargetError, lora_config, read_metadata, select_modules,
-                              unet_hash)
+from esd_lora.adapter import (ADAPTER_NAME, PRESETS, TargetError, adapter_file, lora_config, read_metadata,
+                              select_modules, unet_hash)
 from esd_lora.models import load_pipeline
 
 
@@ -48,3 +50,11 @@ def test_read_metadata(tmp_path):
 
     save_file({"x": torch.zeros(1)}, tmp_path / "a.safetensors", metadata={"k": "v"})
     assert read_metadata(tmp_path / "a.safetensors") == {"k": "v"}
+
+
+def test_shipped_reference_adapters_match_the_shipped_toy_model():
+    folders = sorted(p for p in (Path(__file__).parents[1] / "adapters").iterdir() if p.is_dir())
+    assert folders
+    base = unet_hash(load_pipeline("toy").unet)
+    for folder in folders:
+        assert read_metadata(adapter_file(folder))["esd_lora.base_unet_sha256"] == base, folder.name

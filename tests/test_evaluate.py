@@ -4,7 +4,7 @@ from esd_lora.cli import main
 from esd_lora.evaluate import evaluate, named_concepts, summarize
 from esd_lora.models import ModelLoadError
 
-REPORT_FIELDS = {"model", "erased_model", "adapters", "erased", "settings", "prompts", "summary"}
+REPORT_FIELDS = {"model", "erased_model", "adapters", "erased", "erased_from", "settings", "prompts", "summary"}
 
 
 def test_named_concepts_reads_names_and_synonyms():
@@ -17,6 +17,15 @@ def test_summary_separates_erased_from_kept():
     after = {"a red shape": {"red": 0.1}, "a blue shape": {"blue": 0.6}}
     s = summarize(before, after, ["red"])
     assert s["efficacy_max_detection"] == 0.1 and s["specificity_min_ratio"] == pytest.approx(0.75)
+
+
+def test_erase_from_counts_the_concept_as_erased_on_its_subject_only():
+    before = {"a red circle": {"red": 1.0, "circle": 1.0}, "a scarlet disk": {"red": 1.0, "circle": 1.0},
+              "a red square": {"red": 1.0, "square": 1.0}}
+    after = {"a red circle": {"red": 0.05, "circle": 1.0}, "a scarlet disk": {"red": 0.1, "circle": 0.9},
+             "a red square": {"red": 0.5, "square": 1.0}}
+    s = summarize(before, after, ["red"], erased_from=["circle"])
+    assert s["efficacy_max_detection"] == 0.1 and s["specificity_min_ratio"] == 0.5
 
 
 def test_toy_report_of_a_model_against_itself_keeps_every_concept(tmp_path):

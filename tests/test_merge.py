@@ -45,11 +45,13 @@ def test_every_weight_file_carries_provenance_and_the_card_lists_the_erasures(ti
     assert card.startswith("---\nbase_model: ") and "base_model_relation: merge" in card and "| a red shape |" in card
 
 
-def test_single_file_export_reloads_offline_with_the_same_outputs(tiny_models, tiny_adapters, tmp_path):
+@pytest.mark.parametrize("family, adapter", [("sd1", "red"), ("sd2", "sd2")])
+def test_single_file_export_reloads_offline_with_the_same_weights(family, adapter, tiny_models, tiny_adapters,
+                                                                   tmp_path):
     from diffusers import StableDiffusionPipeline
 
     single = tmp_path / "merged.safetensors"
-    out = merge(str(tiny_models["sd1"]), [tiny_adapters["red"]], tmp_path / "merged", single_file=single)
+    out = merge(str(tiny_models[family]), [tiny_adapters[adapter]], tmp_path / "merged", single_file=single)
     with safe_open(str(single), "pt") as f:
         keys = list(f.keys())
         assert json.loads(f.metadata()["esd_lora.erased"]) == [["a red shape"]]

@@ -108,3 +108,16 @@ def test_mixed_precision_keeps_trainable_weights_fp32(tiny_models, tmp_path):
         AcceleratorState._reset_state(True)
     weights = load_file(str(tmp_path / "bf16" / WEIGHTS_NAME))
     assert all(v.dtype == torch.float32 for v in weights.values())
+
+
+def test_on_step_sees_the_training_pipeline_and_can_stop_early(tiny_models, tmp_path):
+    seen = []
+
+    def on_step(step, pipe):
+        seen.append((step, any("lora_A" in n for n, _ in pipe.unet.named_parameters())))
+        return step == 2
+
+    summary = train(recipe_for(tiny_models["sd1"], tmp_path / "a", steps=5), progress=False, on_step=on_step)
+    assert seen == [(1, True), (2, True)] and summary["steps"] == 2
+    assert read_metadata(tmp_path / "a" / WEIGHTS_NAME)["esd_lora.steps"] == "2"
+    assert "steps: 2" in (tmp_path / "a" / "recipe.yaml").read_text()
