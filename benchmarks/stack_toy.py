@@ -49,7 +49,7 @@ def main() -> None:
         rates, _ = detection_rates(load_pipeline(str(model)), prompts, args.n, 0, scorer)
         results["strategies"][strategy] = {"seconds": round(seconds, 1), "rates": rates}
         atomic_write_json(out / "results.json", results)
-    atomic_write_text(ROOT / "benchmarks" / "STACK_RESULTS.md", table(results))
+        atomic_write_text(ROOT / "benchmarks" / "STACK_RESULTS.md", table(results))
     print(table(results))
 
 

@@ -138,6 +138,12 @@ def _cmd_toy_quality(args: argparse.Namespace) -> None:
         atomic_write_json(args.out, table)
 
 
+def _cmd_toy_figure(args: argparse.Namespace) -> None:
+    from .toy.figure import save_figure
+
+    print(f"wrote {save_figure(args.out, args.model)}")
+
+
 def parser() -> argparse.ArgumentParser:
     from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
@@ -240,6 +246,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     q.add_argument("--out", help="also write the table as JSON here")
     q.set_defaults(func=_cmd_toy_quality)
+    f = toy.add_parser("figure", help="renders beside the model's samples for the same captions (the README figure)")
+    f.add_argument("--model", default="toy")
+    f.add_argument("--out", default="docs/toy_world.png")
+    f.set_defaults(func=_cmd_toy_figure)
     return p
 
 
@@ -251,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # overrides may follow flags: `train r.yaml --quiet train.steps=10`
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     diffusers_logging.disable_progress_bar()  # loading bars would bury a one-line error; work bars stay
     transformers_logging.disable_progress_bar()
     try:

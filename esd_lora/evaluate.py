@@ -138,11 +138,13 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
     (subject concepts), the erased concepts count as erased only in prompts naming a subject."""
     import torch
 
-    from .adapter import load_adapters
+    from .adapter import adapter_file, load_adapters
     from .models import load_pipeline
     from .sample import to_pil_grid
     from .toy.classifier import load_classifier
 
+    for path in adapters:
+        adapter_file(path)  # a missing adapter fails before any image is made
     if clip:
         scorer = ClipScorer(clip, list(dict.fromkeys([*erased, *kept])))
         prompts = prompts or scorer.labels

@@ -57,3 +57,13 @@ def test_clip_needs_alternatives_and_a_loadable_model(tiny_models, tiny_clip, tm
         evaluate(str(tiny_models["sd1"]), [], ["red"], clip=str(tiny_clip))
     with pytest.raises(ModelLoadError, match="cannot load CLIP model"):
         evaluate(str(tiny_models["sd1"]), [], ["red"], kept=["blue"], clip=str(tmp_path / "no-clip"))
+
+
+def test_a_missing_adapter_fails_before_any_image(tmp_path, capsys, monkeypatch):
+    import esd_lora.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "detection_rates", lambda *a, **k: pytest.fail("generated images"))
+    assert main(["eval", "toy", "--adapter", str(tmp_path / "none"), "--concepts", "red",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
