@@ -5,7 +5,8 @@
 Uses the shipped adapters in adapters/ (trained by recipes/toy/{red,blue,star,striped}.yaml) for
 `sum` and `fuse`, and trains `sequential` and `joint` from the same recipes. For every erased and every
 kept concept it reports the detection rate before and after, and writes the table to
-benchmarks/STACK_RESULTS.md.
+benchmarks/STACK_RESULTS.md. A later run with other `--strategies` adds them to the same table (the base
+images are not made again).
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def main() -> None:
     recipes = [load_recipe(ROOT / "recipes" / "toy" / f"{c}.yaml") for c in CONCEPTS]
     prompts = default_prompts(CONCEPTS)
     scorer = Scorer(load_classifier())
-    results = {"n": args.n, "concepts": CONCEPTS, "prompts": prompts, "strategies": {}}
-    results["base"], _ = detection_rates(load_pipeline("toy"), prompts, args.n, 0, scorer)
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    if results.get("n") != args.n or results.get("prompts") != prompts:  # else: add strategies to that run
+        results = {"n": args.n, "concepts": CONCEPTS, "prompts": prompts, "strategies": {}}
+        results["base"], _ = detection_rates(load_pipeline("toy"), prompts, args.n, 0, scorer)
     for strategy in args.strategies:
         t0 = time.time()
         trained = strategy in ("sequential", "joint")
