@@ -122,12 +122,13 @@ def adapter_file(path: str | Path) -> Path:
     return path
 
 
-def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = None) -> list[str]:
+def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = None,
+                  base_hash: str | None = None) -> list[str]:
     """Load LoRA adapters into the pipeline's UNet and activate them together; refuse an adapter whose
-    recorded base UNet hash differs from this pipeline's."""
+    recorded base UNet hash differs from this pipeline's (`base_hash`, when the caller has it already)."""
     if not paths:
         return []
-    base = unet_hash(pipe.unet)
+    base = base_hash or unet_hash(pipe.unet)
     names = []
     for i, path in enumerate(paths):
         file = adapter_file(path)

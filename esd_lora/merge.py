@@ -30,9 +30,10 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_adapters(pipe, adapters: list[str | Path]) -> list[dict[str, str]]:
-    """Each adapter's header, after checking it exists and was trained for this base and family."""
-    base_hash, base_family = unet_hash(pipe.unet), version(pipe)
+def check_adapters(pipe, adapters: list[str | Path], base_hash: str) -> list[dict[str, str]]:
+    """Each adapter's header, after checking it exists and was trained for this base (`base_hash`, the
+    pipeline's UNet hash) and family."""
+    base_family = version(pipe)
     headers = []
     for path in adapters:
         file = adapter_file(path)
@@ -48,19 +49,21 @@ def check_adapters(pipe, adapters: list[str | Path]) -> list[dict[str, str]]:
     return headers
 
 
-def apply_adapters(pipe, adapters: list[str | Path], weights: list[float] | None = None) -> list[dict[str, str]]:
+def apply_adapters(pipe, adapters: list[str | Path], weights: list[float] | None = None,
+                   base_hash: str | None = None) -> list[dict[str, str]]:
     """Add each adapter's weight delta (times its weight) to the UNet, in place: the exact sum, no cross terms."""
     from safetensors.torch import load_file
 
     weights = weights or [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters")
-    headers = check_adapters(pipe, adapters)
+    base_hash = base_hash or unet_hash(pipe.unet)
+    headers = check_adapters(pipe, adapters, base_hash)
     lora = [(a, w) for a, w, h in zip(adapters, weights, headers) if Path(h["file"]).name != CLASSIC_WEIGHTS_NAME]
     classic = [(h, w) for h, w in zip(headers, weights) if Path(h["file"]).name == CLASSIC_WEIGHTS_NAME]
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()} if classic else {}
     if lora:
-        names = load_adapters(pipe, [a for a, _ in lora], [w for _, w in lora])
+        names = load_adapters(pipe, [a for a, _ in lora], [w for _, w in lora], base_hash)
         pipe.unet.fuse_lora(adapter_names=names)
         pipe.unet.unload_lora()
     state = pipe.unet.state_dict()
@@ -164,7 +167,7 @@ def merge(base: str, adapters: list[str | Path], out: str | Path, weights: list[
         adapter_file(path)  # a missing adapter fails before the model loads
     pipe = load_pipeline(base, allow_pickle=allow_pickle)
     base_hash = unet_hash(pipe.unet)
-    headers = apply_adapters(pipe, adapters, weights)
+    headers = apply_adapters(pipe, adapters, weights, base_hash)
     header = provenance(base, base_hash, headers, weights, "sum")
     return save_merged(pipe, out, header, model_card(base, headers, weights, "sum"), single_file, DTYPES[dtype])
 

@@ -55,7 +55,8 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
     + mu I)^-1, with C = E^T E over the token embeddings E of adapter i's prompts (C_p: preserved prompts, the
     empty prompt included). That W minimises sum_i |E_i (W - W0 - dW_i)^T|^2 + lambda |E_p (W - W0)^T|^2 +
     mu |W - W0|^2. Other layers get the plain sum of the deltas."""
-    headers = check_adapters(pipe, adapters)
+    base_hash = unet_hash(pipe.unet)
+    headers = check_adapters(pipe, adapters, base_hash)
     erased = [p for h in headers for p in json.loads(h.get("esd_lora.concepts", "[]"))]
     preserve = list(dict.fromkeys([*preserve, *(p for h in headers for p in _recipe_preserve(h)), ""]))
     preserve = [p for p in preserve if not _names_erased(p, erased)]
@@ -67,7 +68,7 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
 
     grams = [gram(_adapter_prompts(h)) for h in headers]
     preserve_gram = preserve_weight * gram(preserve)
-    names = load_adapters(pipe, adapters)
+    names = load_adapters(pipe, adapters, base_hash=base_hash)
     new_weights = {}
     for name, module in pipe.unet.named_modules():
         active = [n for n in names if n in getattr(module, "lora_A", {})]
@@ -128,7 +129,7 @@ def stack(base: str, strategy: str, out: str | Path, adapters: list[str | Path] 
     base_hash = unet_hash(pipe.unet)
     if strategy in ("sum", "fuse"):
         weights = list(weights or [1.0] * len(adapters))
-        headers = (apply_adapters(pipe, adapters, weights) if strategy == "sum"
+        headers = (apply_adapters(pipe, adapters, weights, base_hash) if strategy == "sum"
                    else fuse_adapters(pipe, adapters, preserve))
     else:
         todo = [joint_recipe(list(recipes))] if strategy == "joint" else [copy.deepcopy(r) for r in recipes]
