@@ -1,13 +1,22 @@
-"""Time-to-erasure on the toy model: esd-lora (LoRA, the shipped recipe) against classic ESD (the paper's
-settings: esd-x weights trained directly, on-policy sampling, Adam, lr 1e-5, no preserve prompts).
+"""Time to erasure on the toy model: esd-lora's fast default, esd-lora with the paper's sampling, and
+classic ESD, on the same concepts.
 
-    python benchmarks/time_to_erasure.py [--concept red] [--every 40] [--n 16] [--max-classic-steps 1000]
+    python benchmarks/time_to_erasure.py [--concepts red star striped] [--n 16] [--max-steps 1000]
 
-Both train on the same concept from the same recipe. Every `--every` steps the evaluator measures the
-erasure (the concept by name and synonyms, the other concepts of its kind, `--n` images per prompt, as a
-fraction of the base's rates); training stops once efficacy <= 10 % and specificity >= 90 %. Wall time
-counts training only (evaluation time is subtracted). Each method runs in its own process, so its peak
-memory is its own. Results go to benchmarks/TIME_TO_ERASURE.md.
+Methods, all from the concept's shipped recipe in recipes/toy/:
+- `esd-lora`: the recipe with esd-lora's fast sampling (LoRA; one 25-step trajectory every 12 steps);
+- `esd-lora-paper`: the same LoRA, with the paper's sampling: a fresh partial 50-step DDIM run per step;
+- `classic`: the paper's settings, full esd-x weights trained directly with a frozen copy as teacher,
+  Adam at a constant lr 1e-5, batch 1, the paper's sampling, no preserve prompts.
+
+At steps 20, 30, 45, 68, 101, 152, ... (each 1.5 times the last, the same relative resolution for
+every method) the evaluator measures the erasure: the concept by name and synonyms, the other concepts of
+its kind, `--n` images per prompt, as a fraction of the base's rates. Training stops once efficacy (the
+highest detection rate among prompts naming the concept) is <= 10 % and specificity (the lowest rate kept
+by another concept, as a fraction of base) is >= 90 %, or at `--max-steps` (the paper's 1000). Training
+time excludes the measurements. Each run is its own process, so its peak memory is its own. Finished runs
+are kept in build/time_to_erasure/results.json (pass --fresh to redo them); the table goes to
+benchmarks/TIME_TO_ERASURE.md after every run.
 """
 
 from __future__ import annotations
@@ -20,71 +29,99 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSIC = ["adapter=none", "adapter.targets=esd-x", "train.optimizer=adam", "train.lr=1e-5", "train.batch=1",
-           "train.sampler=trained", "train.ddim_steps=50", "concept.preserve=[]"]
+WORK = ROOT / "build" / "time_to_erasure"
+PAPER_SAMPLING = ["train.refresh_every=1", "train.ddim_steps=50"]
+METHODS = {
+    "esd-lora": ["train.refresh_every=12", "train.ddim_steps=25"],
+    "esd-lora-paper": PAPER_SAMPLING,
+    "classic": ["adapter=none", "adapter.targets=esd-x", "train.optimizer=adam", "train.lr=1e-5", "train.batch=1",
+                "train.warmup_steps=0", "train.lr_schedule=constant", "train.sampler=trained", "concept.preserve=[]",
+                *PAPER_SAMPLING],
+}
 
 
-def run(method: str, concept: str, every: int, n: int, max_classic_steps: int) -> dict:
-    """Train one method with measurements at intervals; returns its trajectory and final figures."""
+def check_steps(last: int, first: int = 20, growth: float = 1.5) -> list[int]:
+    """Steps at which the erasure is measured: a geometric series ending exactly at `last`."""
+    steps, s = [], float(first)
+    while round(s) < last:
+        steps.append(round(s))
+        s *= growth
+    return sorted(set(steps)) + [last]
+
+
+def run(method: str, concept: str, n: int, max_steps: int) -> dict:
+    """Train one method on one concept, measuring as it goes; returns its trajectory and final figures."""
     from esd_lora.evaluate import Scorer, default_prompts, detection_rates, summarize
     from esd_lora.models import load_pipeline
     from esd_lora.recipe import load_recipe
     from esd_lora.toy.classifier import load_classifier
     from esd_lora.train import train
 
-    overrides = [f"output.dir=build/time_to_erasure/{method}", "output.checkpoint_every=0"]
-    if method == "classic":
-        overrides += CLASSIC + [f"train.steps={max_classic_steps}"]
+    overrides = [f"output.dir={WORK / concept / method}", "output.checkpoint_every=0", *METHODS[method]]
     recipe = load_recipe(ROOT / "recipes" / "toy" / f"{concept}.yaml", overrides)
+    recipe.train.steps = max_steps
     prompts = default_prompts([concept])
     scorer = Scorer(load_classifier())
     base, _ = detection_rates(load_pipeline("toy"), prompts, n, 0, scorer, progress=False)
+    checks = set(check_steps(max_steps))
     trajectory, eval_seconds, start = [], [0.0], time.time()
 
     def on_step(step: int, pipe) -> bool:
-        if step % every:
+        if step not in checks:
             return False
         t0 = time.time()
+        train_seconds = t0 - start - eval_seconds[0]
         rates, _ = detection_rates(pipe, prompts, n, 0, scorer, progress=False)
         eval_seconds[0] += time.time() - t0
         s = summarize(base, rates, [concept])
-        trajectory.append({"step": step, "train_seconds": round(time.time() - start - eval_seconds[0], 1),
+        trajectory.append({"step": step, "train_seconds": round(train_seconds, 1),
                            "efficacy": s["efficacy_max_detection"], "specificity": s["specificity_min_ratio"]})
         print(json.dumps(trajectory[-1]), file=sys.stderr, flush=True)
         return s["efficacy_max_detection"] <= 0.1 and s["specificity_min_ratio"] >= 0.9
 
     summary = train(recipe, progress=False, on_step=on_step)
-    reached = [p for p in trajectory if p["efficacy"] <= 0.1 and p["specificity"] >= 0.9]
-    return {"method": method, "concept": concept, "reached": bool(reached),
-            "steps": reached[0]["step"] if reached else summary["steps"],
-            "train_seconds": reached[0]["train_seconds"] if reached else trajectory[-1]["train_seconds"],
-            "final": trajectory[-1] if trajectory else None, "peak_memory_mb": summary["peak_memory_mb"],
+    last = trajectory[-1]
+    reached = last["efficacy"] <= 0.1 and last["specificity"] >= 0.9
+    return {"method": method, "concept": concept, "reached": reached, "steps": last["step"],
+            "train_seconds": last["train_seconds"], "efficacy": last["efficacy"],
+            "specificity": last["specificity"], "peak_memory_mb": summary["peak_memory_mb"],
             "trajectory": trajectory}
 
 
-def report(rows: list[dict], argv: list[str]) -> str:
+def report(rows: dict[str, dict], argv: list[str]) -> str:
     import torch
 
     from esd_lora import __version__
 
     lines = ["# Time to erasure on the toy model", "",
              f"`python benchmarks/time_to_erasure.py {' '.join(argv)}` on {platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}, esd-lora {__version__}.", "",
-             "| method | concept | target reached | steps | training time (s) | final efficacy | "
-             "final specificity | peak memory (MB) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        f = r["final"] or {}
-        lines.append(f"| {r['method']} | {r['concept']} | {'yes' if r['reached'] else 'no'} | {r['steps']} | "
-                     f"{r['train_seconds']} | {f.get('efficacy', float('nan')):.0%} | "
-                     f"{f.get('specificity', float('nan')):.0%} | {r['peak_memory_mb']:,.0f} |")
-    by = {(r["method"], r["concept"]): r for r in rows}
-    lines += ["", "| concept | time, esd-lora / classic | memory, esd-lora / classic |", "|---|---|---|"]
-    for concept in dict.fromkeys(r["concept"] for r in rows):
-        lora, classic = by.get(("esd-lora", concept)), by.get(("classic", concept))
-        if lora and classic:
-            note = "" if classic["reached"] else " (classic did not reach the target: an upper bound)"
-            lines.append(f"| {concept} | {lora['train_seconds'] / classic['train_seconds']:.2f}{note} | "
-                         f"{lora['peak_memory_mb'] / classic['peak_memory_mb']:.2f} |")
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, esd-lora {__version__}. "
+             "Target: efficacy <= 10 % and specificity >= 90 %. Training time excludes the measurements.", "",
+             "| concept | method | target reached | steps | training time (s) | efficacy | specificity | "
+             "peak memory (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        lines.append(f"| {r['concept']} | {r['method']} | {'yes' if r['reached'] else 'no'} | {r['steps']} | "
+                     f"{r['train_seconds']} | {r['efficacy']:.0%} | {r['specificity']:.0%} | "
+                     f"{r['peak_memory_mb']:,.0f} |")
+    lines += ["", "Ratios of training time (and peak memory) to reach the target; a run that did not reach it "
+              "within the step limit gives a bound, marked `<`.", "",
+              "| concept | esd-lora / classic | esd-lora / esd-lora-paper | esd-lora-paper / classic | "
+              "memory, esd-lora / classic |", "|---|---|---|---|---|"]
+    for concept in dict.fromkeys(r["concept"] for r in rows.values()):
+        cells = []
+        for a, b in (("esd-lora", "classic"), ("esd-lora", "esd-lora-paper"), ("esd-lora-paper", "classic")):
+            ra, rb = rows.get(f"{concept}/{a}"), rows.get(f"{concept}/{b}")
+            if not (ra and rb):
+                cells.append("not run")
+            elif ra["reached"] and rb["reached"]:
+                cells.append(f"{ra['train_seconds'] / rb['train_seconds']:.3f}")
+            elif ra["reached"]:
+                cells.append(f"< {ra['train_seconds'] / rb['train_seconds']:.3f}")
+            else:
+                cells.append("not reached")
+        lora, classic = rows.get(f"{concept}/esd-lora"), rows.get(f"{concept}/classic")
+        memory = f"{lora['peak_memory_mb'] / classic['peak_memory_mb']:.2f}" if lora and classic else "not run"
+        lines.append(f"| {concept} | {' | '.join(cells)} | {memory} |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,24 +129,35 @@ def main() -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--concept", default="red", help="a recipe in recipes/toy/ (default red)")
-    ap.add_argument("--every", type=int, default=40, help="steps between measurements")
+    ap.add_argument("--concepts", nargs="+", default=["red", "star", "striped"], help="recipes in recipes/toy/")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--n", type=int, default=16, help="images per prompt at each measurement")
-    ap.add_argument("--max-classic-steps", type=int, default=1000, help="the paper's 1000 steps")
-    ap.add_argument("--method", choices=["esd-lora", "classic"], help=argparse.SUPPRESS)
+    ap.add_argument("--max-steps", type=int, default=1000, help="step limit (the paper trains 1000 steps)")
+    ap.add_argument("--fresh", action="store_true", help="redo runs already in the results file")
+    ap.add_argument("--one", nargs=2, metavar=("METHOD", "CONCEPT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.method:
-        print(json.dumps(run(args.method, args.concept, args.every, args.n, args.max_classic_steps)))
+    if args.one:
+        print(json.dumps(run(*args.one, args.n, args.max_steps)))
         return
-    from esd_lora.io import atomic_write_text
+    from esd_lora.io import atomic_write_json, atomic_write_text
 
-    rows = []
-    for method in ("esd-lora", "classic"):
-        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--method", method], check=True,
-                              stdout=subprocess.PIPE, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    atomic_write_text(ROOT / "benchmarks" / "TIME_TO_ERASURE.md", report(rows, sys.argv[1:]))
-    print(report(rows, sys.argv[1:]))
+    results = WORK / "results.json"
+    rows = json.loads(results.read_text()) if results.exists() and not args.fresh else {}
+    argv = [a for a in sys.argv[1:] if a != "--fresh"]
+    for concept in args.concepts:
+        for method in args.methods:
+            key = f"{concept}/{method}"
+            if key in rows:
+                continue
+            done = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--max-steps", str(args.max_steps),
+                                   "--one", method, concept], check=True, stdout=subprocess.PIPE, text=True)
+            rows[key] = json.loads(done.stdout.strip().splitlines()[-1])
+            WORK.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(results, rows)
+            atomic_write_text(ROOT / "benchmarks" / "TIME_TO_ERASURE.md", report(rows, argv))
+            print(f"{key}: {'reached' if rows[key]['reached'] else 'not reached'} at step {rows[key]['steps']}, "
+                  f"{rows[key]['train_seconds']} s", flush=True)
+    print(report(rows, argv))
 
 
 if __name__ == "__main__":

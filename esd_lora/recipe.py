@@ -60,19 +60,26 @@ class AdapterSection:
 
 @dataclass
 class TrainSection:
-    """Optimisation and the x_t sampler. sampler `trained` is the paper's (the adapter on); `frozen` uses the base."""
+    """Optimisation and the x_t sampler. sampler `trained` is the paper's (the adapter on); `frozen` uses the base.
+
+    refresh_every 1 is the paper's sampling: a fresh partial DDIM run for every step, most of a step's
+    compute. N > 1 samples one full run every N steps and trains each step on a latent at a random
+    index of it (one run covers every index), with the current adapter at each refresh.
+    """
 
     steps: int = 200
     lr: float = 1e-3
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     batch: int = 1
     optimizer: Literal["adamw8bit", "adamw", "adam"] = "adamw8bit"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     seed: int = 0
-    ddim_steps: int = 50
+    ddim_steps: int = 25
     guidance: float = 3.0
     sampler: Literal["trained", "frozen"] = "trained"
+    refresh_every: int = 12
 
 
 @dataclass
@@ -208,6 +215,7 @@ def _check(recipe: Recipe) -> None:
         ("train.batch", t.batch >= 1, "must be >= 1"),
         ("train.ddim_steps", 1 <= t.ddim_steps <= 1000, "must be in [1, 1000]"),
         ("train.guidance", t.guidance >= 1, "must be >= 1"),
+        ("train.refresh_every", t.refresh_every >= 1, "must be >= 1"),
         ("output.checkpoint_every", o.checkpoint_every >= 0, "must be >= 0"),
     ]
     for key, ok, message in rules:

@@ -1,8 +1,8 @@
 """Where ESD's training latents x_t come from: partial guided DDIM sampling of the concept itself.
 
 No training images are used. Step k of a T-step DDIM schedule leaves the latent at DDIM timestep
-tau_k; the loss timestep t is then drawn in tau_k's band of width 1000/T (for 1000 training timesteps), so over training every
-noise level from pure noise to clean is covered.
+tau_k; the loss timestep t is then drawn in tau_k's band of width 1000/T (for 1000 training timesteps),
+so over training every noise level from pure noise to clean is covered.
 """
 
 from __future__ import annotations
@@ -24,29 +24,34 @@ def ddim_timesteps(scheduler, steps: int) -> torch.Tensor:
     return scheduler.timesteps.clone()
 
 
-def loss_timestep(k: int, steps: int, generator: torch.Generator, batch: int,
-                  train_timesteps: int = 1000) -> torch.Tensor:
-    """DDPM timesteps drawn uniformly in the band of DDIM step k (k=0: the noisiest band)."""
+def loss_timestep(ks: list[int], steps: int, generator: torch.Generator, train_timesteps: int = 1000) -> torch.Tensor:
+    """One DDPM timestep per sample, drawn uniformly in the band of its DDIM step k (k=0: the noisiest band)."""
     width = train_timesteps // steps
-    low = (steps - 1 - k) * width
-    return torch.randint(low, low + width, (batch,), generator=generator)
+    lows = torch.tensor([(steps - 1 - k) * width for k in ks])
+    return lows + torch.randint(0, width, (len(ks),), generator=generator)
 
 
 @torch.no_grad()
-def sample_xt(unet, scheduler, cond: dict, uncond: dict, k: int, steps: int, guidance: float,
-              generator: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype,
-              device: torch.device | str) -> torch.Tensor:
-    """Run k guided DDIM steps (eta 0) from Gaussian noise; the concept and empty-prompt halves
-    of each step go through the UNet as one batch."""
+def sample_trajectory(unet, scheduler, cond: dict, uncond: dict, stop: int, steps: int, guidance: float,
+                      generator: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype,
+                      device: torch.device | str) -> torch.Tensor:
+    """Run `stop` guided DDIM steps (eta 0) from Gaussian noise and return every latent on the way,
+    stacked: entry k is the latent after k steps, the x_t that ESD trains on at DDIM index k.
+
+    The concept and empty-prompt halves of each step go through the UNet as one batch. The paper
+    samples a fresh partial run (stop = k) for every training step; a full run (stop = steps - 1)
+    gives a latent for every index at once, which `train.refresh_every` reuses over several steps."""
     timesteps = ddim_timesteps(scheduler, steps)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
     x = x * scheduler.init_noise_sigma
     both = cat_conditions([cond, uncond])
     n = shape[0]
-    for tau in timesteps[:k]:
+    latents = [x]
+    for tau in timesteps[:stop]:
         t = tau.expand(2 * n).to(device)
         eps = unet_eps(unet, scheduler, torch.cat([x, x]), t, both)
         eps_c, eps_u = eps[:n], eps[n:]
         eps = eps_u + guidance * (eps_c - eps_u)
         x = scheduler.step(eps, tau, x).prev_sample
-    return x
+        latents.append(x)
+    return torch.stack(latents)

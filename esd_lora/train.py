@@ -3,7 +3,8 @@
 One training step, as in the paper:
 1. pick a concept prompt c (and, with erase_from, a subject s) and a DDIM index k in [0, T);
 2. x_t = k guided DDIM steps from noise, conditioned on c (or s), by the model being trained
-   (train.sampler=frozen: by the base); t is drawn in step k's band;
+   (train.sampler=frozen: by the base); t is drawn in step k's band. With train.refresh_every = N > 1
+   one full run is sampled every N steps and each step takes its latent at a random index k of it;
 3. the frozen model (adapter off) predicts on x_t for c, the empty prompt (and s), without gradient;
 4. the trained model's prediction is pulled towards esd_target() by MSE.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import resource
 import shutil
@@ -30,8 +32,8 @@ from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_con
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from .models import Conditioner, load_pipeline, version
 from .objective import adapters_off, esd_loss, esd_target, frozen_predictions
-from .recipe import Recipe, RecipeError, dump_recipe
-from .sampler import loss_timestep, sample_xt, unet_eps
+from .recipe import Recipe, RecipeError, TrainSection, dump_recipe
+from .sampler import loss_timestep, sample_trajectory, unet_eps
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -53,7 +55,20 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def _versions() -> dict[str, str]:
+def learning_rate(cfg: TrainSection, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to zero at the last step. Adam moves every weight
+    by about lr per step whatever the gradient's size, so at a constant lr an erasure keeps wandering
+    across the edge of erased; the decay lets the adapter settle."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that decide what an adapter is, for provenance and benchmark reports."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"esd-lora": __version__}
@@ -127,7 +142,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
     student, optimizer = accelerator.prepare(unet, optimizer)
 
-    start = 0
+    start, trajectory, picks = 0, None, None
     if checkpoint is not None:
         from safetensors.torch import load_file
 
@@ -139,7 +154,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         for n, tensor in state.items():
             named[n].data.copy_(tensor.to(named[n].device))
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
-        start = json.loads((checkpoint / "state.json").read_text())["step"]
+        saved = json.loads((checkpoint / "state.json").read_text())
+        start, picks = saved["step"], saved.get("picks")
+        if (checkpoint / "trajectory.safetensors").exists():
+            trajectory = load_file(str(checkpoint / "trajectory.safetensors"))["latents"].to(device, unet.dtype)
 
     from diffusers import DDIMScheduler
 
@@ -147,6 +165,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     conditioner = Conditioner(pipe, device, unet.dtype)
     latent_shape = (cfg.batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     sampled_from = concept.erase_from or concept.prompts
+    empty = conditioner([""] * cfg.batch)
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
@@ -162,21 +181,32 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         seed = (cfg.seed * 1_000_003 + step) * 64 + accelerator.process_index
         gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
         torch.manual_seed(seed)  # LoRA dropout
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        picks = [rng.randrange(len(sampled_from)) for _ in range(cfg.batch)]
+        sampler_ctx = teacher() if cfg.sampler == "frozen" else nullcontext(accelerator.unwrap_model(student))
+        if cfg.refresh_every == 1:  # the paper: a fresh partial run to a random DDIM index for every step
+            picks = [rng.randrange(len(sampled_from)) for _ in range(cfg.batch)]
+            ks = [int(torch.randint(0, cfg.ddim_steps, (1,), generator=gen))] * cfg.batch
+            with sampler_ctx as sampler_unet:
+                x_t = sample_trajectory(sampler_unet, scheduler, conditioner([sampled_from[i] for i in picks]),
+                                        empty, ks[0], cfg.ddim_steps, cfg.guidance, gen, latent_shape,
+                                        unet.dtype, device)[-1]
+        else:  # one full run every refresh_every steps; each step trains on latents at random indices of it
+            if trajectory is None or step % cfg.refresh_every == 0:
+                picks = [rng.randrange(len(sampled_from)) for _ in range(cfg.batch)]
+                with sampler_ctx as sampler_unet:
+                    trajectory = sample_trajectory(sampler_unet, scheduler,
+                                                   conditioner([sampled_from[i] for i in picks]), empty,
+                                                   cfg.ddim_steps - 1, cfg.ddim_steps, cfg.guidance, gen,
+                                                   latent_shape, unet.dtype, device)
+            ks = [rng.randrange(cfg.ddim_steps) for _ in range(cfg.batch)]
+            x_t = trajectory[ks, torch.arange(cfg.batch)]
         trained_prompts = [sampled_from[i] for i in picks]
         concept_prompts = [concept.prompts[i % len(concept.prompts)] for i in picks]
-        k = int(torch.randint(0, cfg.ddim_steps, (1,), generator=gen))
-        t = loss_timestep(k, cfg.ddim_steps, gen, cfg.batch, scheduler.config.num_train_timesteps).to(device)
-        trained_cond, empty = conditioner(trained_prompts), conditioner([""] * cfg.batch)
-
-        sampler_ctx = teacher() if cfg.sampler == "frozen" else nullcontext(accelerator.unwrap_model(student))
-        with sampler_ctx as sampler_unet:
-            x_t = sample_xt(sampler_unet, scheduler, trained_cond, empty, k, cfg.ddim_steps, cfg.guidance,
-                            gen, latent_shape, unet.dtype, device)
+        t = loss_timestep(ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(device)
+        trained_cond = conditioner(trained_prompts)
 
         conds = [conditioner(concept_prompts), empty]
         if concept.erase_from:
@@ -200,12 +230,12 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if accelerator.is_main_process:
-            log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "k": k,
+            log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "k": ks if cfg.batch > 1 else ks[0],
                                   "time": round(time.time() - t0, 3)}) + "\n")
             log.flush()
             every = recipe.output.checkpoint_every
             if every and (step + 1) % every == 0 and step + 1 < cfg.steps:
-                _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer)
+                _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer, trajectory, picks)
         if on_step is not None and on_step(step + 1, pipe) and step + 1 < cfg.steps:
             recipe = copy.deepcopy(recipe)
             recipe.train.steps = step + 1
@@ -221,12 +251,17 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     return summary
 
 
-def _save_checkpoint(out: Path, step: int, unet, optimizer) -> None:
-    """Trainable weights, optimizer state and the step, in one folder that appears whole or not at all."""
+def _save_checkpoint(out: Path, step: int, unet, optimizer, trajectory: torch.Tensor | None,
+                     picks: list[int] | None) -> None:
+    """Trainable weights, optimizer state, the step and the trajectory in use (with its prompts), in one
+    folder that appears whole or not at all, so a resumed run continues exactly."""
     with atomic_dir(out / "checkpoints" / f"step_{step:06d}") as tmp:
         atomic_save_safetensors(_trainable_state(unet), tmp / "trainable.safetensors")
+        if trajectory is not None:
+            atomic_save_safetensors({"latents": trajectory.float().cpu().contiguous()},
+                                    tmp / "trajectory.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "picks": picks}))
     for old in sorted((out / "checkpoints").glob("step_*"))[:-1]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -245,7 +280,7 @@ def _save_result(recipe: Recipe, unet, modules: list[str], base_hash: str, base_
         "esd_lora.base_revision": recipe.model.revision or "",
         "esd_lora.base_unet_sha256": base_hash,
         "esd_lora.base_family": base_family,
-        "esd_lora.versions": json.dumps(_versions()),
+        "esd_lora.versions": json.dumps(package_versions()),
         "esd_lora.recipe_name": recipe.name,
     }
     if recipe.adapter.kind == "lora":

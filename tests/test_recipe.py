@@ -37,6 +37,7 @@ def test_adapter_none_is_classic_mode():
     ({**BASE, "concept": {"prompts": ["x"], "eta": -1}}, [], "concept.eta"),
     ({**BASE, "model": {"dtype": "int8"}}, [], "model.dtype"),
     ({**BASE, "train": {"gradient_checkpointing": "maybe"}}, [], "train.gradient_checkpointing"),
+    ({**BASE, "train": {"refresh_every": 0}}, [], "train.refresh_every"),
     (BASE, ["train.steps"], "train.steps"),
     (BASE, ["train.steps=-3"], "train.steps"),
     (BASE, ["a.b.c=1"], "a.b.c"),

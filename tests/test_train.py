@@ -9,7 +9,7 @@ from esd_lora import train as train_module
 from esd_lora.adapter import WEIGHTS_NAME, load_adapters, read_metadata, unet_hash
 from esd_lora.models import load_pipeline
 from esd_lora.recipe import RecipeError, from_dict
-from esd_lora.train import make_optimizer, train
+from esd_lora.train import learning_rate, make_optimizer, train
 
 
 def recipe_for(model, out, **train_keys):
@@ -55,24 +55,25 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
     assert any(not torch.equal(v, base[k]) for k, v in weights.items())
 
 
-def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("refresh_every", [1, 3])  # 3: the resumed run goes on with the checkpointed trajectory
+def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every):
     model = tiny_models["sd1"]
-    train(recipe_for(model, tmp_path / "full", steps=5), progress=False)
+    train(recipe_for(model, tmp_path / "full", steps=5, refresh_every=refresh_every), progress=False)
 
     real_save = train_module._save_checkpoint
 
-    def save_then_die(out, step, unet, optimizer):
-        real_save(out, step, unet, optimizer)
+    def save_then_die(*args):
+        real_save(*args)
         raise KeyboardInterrupt  # killed right after the step-2 checkpoint
 
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(recipe_for(model, tmp_path / "resumed", steps=5), progress=False)
+        train(recipe_for(model, tmp_path / "resumed", steps=5, refresh_every=refresh_every), progress=False)
     monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / WEIGHTS_NAME).exists()
     with pytest.raises(RecipeError, match="--resume"):
         train(recipe_for(model, tmp_path / "resumed", steps=5), progress=False)
-    train(recipe_for(model, tmp_path / "resumed", steps=5), resume=True, progress=False)
+    train(recipe_for(model, tmp_path / "resumed", steps=5, refresh_every=refresh_every), resume=True, progress=False)
 
     full = load_file(str(tmp_path / "full" / WEIGHTS_NAME))
     resumed = load_file(str(tmp_path / "resumed" / WEIGHTS_NAME))
@@ -121,3 +122,12 @@ def test_on_step_sees_the_training_pipeline_and_can_stop_early(tiny_models, tmp_
     assert seen == [(1, True), (2, True)] and summary["steps"] == 2
     assert read_metadata(tmp_path / "a" / WEIGHTS_NAME)["esd_lora.steps"] == "2"
     assert "steps: 2" in (tmp_path / "a" / "recipe.yaml").read_text()
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_or_stays():
+    cosine = from_dict({"concept": {"prompts": ["x"]},
+                        "train": {"steps": 10, "lr": 1.0, "warmup_steps": 2, "lr_schedule": "cosine"}}).train
+    lrs = [learning_rate(cosine, s) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0] and all(a > b for a, b in zip(lrs[2:], lrs[3:])) and 0 < lrs[-1] < 0.05
+    cosine.lr_schedule = "constant"
+    assert [learning_rate(cosine, s) for s in range(10)] == [0.5] + [1.0] * 9
