@@ -49,28 +49,27 @@ def headline(tte: dict[str, dict], sd15: list[dict]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    import argparse
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
+
+def write_results(command: str) -> str:
+    """RESULTS.md from the two benchmarks' saved results and tables."""
     import torch
 
-    from esd_lora import __version__
     from esd_lora.io import atomic_write_text
     from esd_lora.train import package_versions
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--concepts", nargs="+", default=["red", "star", "striped"], help="toy recipes to erase")
-    args = ap.parse_args()
-    subprocess.run([sys.executable, str(HERE / "time_to_erasure.py"), "--concepts", *args.concepts], check=True)
-    subprocess.run([sys.executable, str(HERE / "sd15_step.py")], check=True)
     tte = json.loads((ROOT / "build" / "time_to_erasure" / "results.json").read_text())
     sd15 = json.loads((ROOT / "build" / "sd15_step" / "results.json").read_text())
     versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
-    command = " ".join(["python benchmarks/run.py", *sys.argv[1:]])
     text = "\n".join([
         "# Benchmarks: esd-lora against classic ESD", "",
-        f"`{command}` on {platform.machine()} ({platform.processor() or 'unknown CPU'}), "
-        f"{torch.get_num_threads()} threads, no GPU; {versions}; esd-lora {__version__}.", "",
+        f"`{command}` on {platform.machine()} ({cpu_name()}), {torch.get_num_threads()} threads, no GPU; "
+        f"{versions}.", "",
         "## Headline ratios", "", *headline(tte, sd15), "",
         "Below 1 means esd-lora needs less. `<` marks a bound: classic ESD had not reached the target when "
         "its step limit ended the run.", "",
@@ -78,7 +77,18 @@ def main() -> None:
         (HERE / "SD15_RESULTS.md").read_text().replace("# ", "## ", 1),
     ])
     atomic_write_text(HERE / "RESULTS.md", text)
-    print(text)
+    return text
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concepts", nargs="+", default=["red", "star", "striped"], help="toy recipes to erase")
+    args = ap.parse_args()
+    subprocess.run([sys.executable, str(HERE / "time_to_erasure.py"), "--concepts", *args.concepts], check=True)
+    subprocess.run([sys.executable, str(HERE / "sd15_step.py")], check=True)
+    print(write_results(" ".join(["python benchmarks/run.py", *sys.argv[1:]])))
 
 
 if __name__ == "__main__":
