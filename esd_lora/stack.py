@@ -50,12 +50,12 @@ def _names_erased(prompt: str, erased: list[str]) -> bool:
 
 
 def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), preserve_weight: float = 1.0,
-                  ridge: float = 1e-4) -> list[dict[str, str]]:
+                  ridge: float = 1e-4, base_hash: str | None = None) -> list[dict[str, str]]:
     """Write into the UNet, for every attn2 to_k/to_v layer, W = W0 + (sum_i dW_i C_i)(sum_i C_i + lambda C_p
     + mu I)^-1, with C = E^T E over the token embeddings E of adapter i's prompts (C_p: preserved prompts, the
     empty prompt included). That W minimises sum_i |E_i (W - W0 - dW_i)^T|^2 + lambda |E_p (W - W0)^T|^2 +
     mu |W - W0|^2. Other layers get the plain sum of the deltas."""
-    base_hash = unet_hash(pipe.unet)
+    base_hash = base_hash or unet_hash(pipe.unet)
     headers = check_adapters(pipe, adapters, base_hash)
     erased = [p for h in headers for p in json.loads(h.get("esd_lora.concepts", "[]"))]
     preserve = list(dict.fromkeys([*preserve, *(p for h in headers for p in _recipe_preserve(h)), ""]))
@@ -130,7 +130,7 @@ def stack(base: str, strategy: str, out: str | Path, adapters: list[str | Path] 
     if strategy in ("sum", "fuse"):
         weights = list(weights or [1.0] * len(adapters))
         headers = (apply_adapters(pipe, adapters, weights, base_hash) if strategy == "sum"
-                   else fuse_adapters(pipe, adapters, preserve))
+                   else fuse_adapters(pipe, adapters, preserve, base_hash=base_hash))
     else:
         todo = [joint_recipe(list(recipes))] if strategy == "joint" else [copy.deepcopy(r) for r in recipes]
         current, headers = base, []
