@@ -1,11 +1,12 @@
 """Time to erasure on the toy model: esd-lora's fast default, esd-lora with the paper's sampling, and
 classic ESD, on the same concepts.
 
-    python benchmarks/time_to_erasure.py [--concepts red star striped] [--n 16] [--max-steps 1000]
+    python benchmarks/time_to_erasure.py [--concepts red star striped] [--n 16] [--max-steps 3000]
 
 Methods, all from the concept's shipped recipe in recipes/toy/:
-- `esd-lora`: the recipe with esd-lora's fast sampling (LoRA; one 25-step trajectory every 12 steps);
-- `esd-lora-paper`: the same LoRA, with the paper's sampling: a fresh partial 50-step DDIM run per step;
+- `esd-lora`: the recipe as shipped, with esd-lora's fast defaults;
+- `esd-lora-paper`: the same LoRA, with the paper's sampling: a fresh partial 50-step DDIM run per step,
+  batch 1;
 - `classic`: the paper's settings, full esd-x weights trained directly with a frozen copy as teacher,
   Adam at a constant lr 1e-5, batch 1, the paper's sampling, no preserve prompts.
 
@@ -13,10 +14,13 @@ At steps 20, 30, 45, 68, 101, 152, ... (each 1.5 times the last, the same relati
 every method) the evaluator measures the erasure: the concept by name and synonyms, the other concepts of
 its kind, `--n` images per prompt, as a fraction of the base's rates. Training stops once efficacy (the
 highest detection rate among prompts naming the concept) is <= 10 % and specificity (the lowest rate kept
-by another concept, as a fraction of base) is >= 90 %, or at `--max-steps` (the paper's 1000). Training
-time excludes the measurements. Each run is its own process, so its peak memory is its own. Finished runs
-are kept in build/time_to_erasure/results.json (pass --fresh to redo them); the table goes to
-benchmarks/TIME_TO_ERASURE.md after every run.
+by another concept, as a fraction of base) is >= 90 %, or at `--max-steps`. esd-lora runs first; each
+reference method then also stops (after one last measurement) once its training time passes the bar it
+is held to times esd-lora's (3x for esd-lora-paper, 10x for classic): past that point the ratio is known
+to meet the bar whatever happens later, so the table gives it as a bound (`<`). `--no-budget` runs them
+on. Training time excludes the measurements. Each run is its own process, so its peak memory is its own.
+Finished runs are kept in build/time_to_erasure/results.json (pass --fresh to redo them); the table goes
+to benchmarks/TIME_TO_ERASURE.md after every run.
 """
 
 from __future__ import annotations
@@ -30,14 +34,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "time_to_erasure"
-PAPER_SAMPLING = ["train.refresh_every=1", "train.ddim_steps=50"]
+PAPER_SAMPLING = ["train.refresh_every=1", "train.ddim_steps=50", "train.batch=1"]
 METHODS = {
-    "esd-lora": ["train.refresh_every=12", "train.ddim_steps=25"],
+    "esd-lora": [],
     "esd-lora-paper": PAPER_SAMPLING,
-    "classic": ["adapter=none", "adapter.targets=esd-x", "train.optimizer=adam", "train.lr=1e-5", "train.batch=1",
+    "classic": ["adapter=none", "adapter.targets=esd-x", "train.optimizer=adam", "train.lr=1e-5",
                 "train.warmup_steps=0", "train.lr_schedule=constant", "train.sampler=trained", "concept.preserve=[]",
                 *PAPER_SAMPLING],
 }
+
+# the bars a reference method is held to: esd-lora must reach the target in at most 1/bar of its time
+BARS = {"esd-lora-paper": 3, "classic": 10}
 
 
 def check_steps(last: int, first: int = 20, growth: float = 1.5) -> list[int]:
@@ -49,8 +56,10 @@ def check_steps(last: int, first: int = 20, growth: float = 1.5) -> list[int]:
     return sorted(set(steps)) + [last]
 
 
-def run(method: str, concept: str, n: int, max_steps: int) -> dict:
-    """Train one method on one concept, measuring as it goes; returns its trajectory and final figures."""
+def run(method: str, concept: str, n: int, max_steps: int, max_seconds: float | None = None) -> dict:
+    """Train one method on one concept, measuring as it goes; returns its trajectory and final figures.
+
+    With max_seconds, training also stops (after one last measurement) once its training time passes it."""
     from esd_lora.evaluate import Scorer, default_prompts, detection_rates, summarize
     from esd_lora.models import load_pipeline
     from esd_lora.recipe import load_recipe
@@ -67,22 +76,24 @@ def run(method: str, concept: str, n: int, max_steps: int) -> dict:
     trajectory, eval_seconds, start = [], [0.0], time.time()
 
     def on_step(step: int, pipe) -> bool:
-        if step not in checks:
-            return False
         t0 = time.time()
         train_seconds = t0 - start - eval_seconds[0]
+        over_budget = max_seconds is not None and train_seconds >= max_seconds
+        if step not in checks and not over_budget:
+            return False
         rates, _ = detection_rates(pipe, prompts, n, 0, scorer, progress=False)
         eval_seconds[0] += time.time() - t0
         s = summarize(base, rates, [concept])
         trajectory.append({"step": step, "train_seconds": round(train_seconds, 1),
                            "efficacy": s["efficacy_max_detection"], "specificity": s["specificity_min_ratio"]})
         print(json.dumps(trajectory[-1]), file=sys.stderr, flush=True)
-        return s["efficacy_max_detection"] <= 0.1 and s["specificity_min_ratio"] >= 0.9
+        return over_budget or (s["efficacy_max_detection"] <= 0.1 and s["specificity_min_ratio"] >= 0.9)
 
     summary = train(recipe, progress=False, on_step=on_step)
     last = trajectory[-1]
     reached = last["efficacy"] <= 0.1 and last["specificity"] >= 0.9
-    return {"method": method, "concept": concept, "reached": reached, "steps": last["step"],
+    stopped = "target" if reached else "time budget" if last["step"] < max_steps else "step limit"
+    return {"method": method, "concept": concept, "reached": reached, "stopped": stopped, "steps": last["step"],
             "train_seconds": last["train_seconds"], "efficacy": last["efficacy"],
             "specificity": last["specificity"], "peak_memory_mb": summary["peak_memory_mb"],
             "trajectory": trajectory}
@@ -97,14 +108,15 @@ def report(rows: dict[str, dict], argv: list[str]) -> str:
              f"`python benchmarks/time_to_erasure.py {' '.join(argv)}` on {platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, esd-lora {__version__}. "
              "Target: efficacy <= 10 % and specificity >= 90 %. Training time excludes the measurements.", "",
-             "| concept | method | target reached | steps | training time (s) | efficacy | specificity | "
-             "peak memory (MB) |", "|---|---|---|---|---|---|---|---|"]
+             "| concept | method | target reached | stopped by | steps | training time (s) | efficacy | specificity | "
+             "peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
-        lines.append(f"| {r['concept']} | {r['method']} | {'yes' if r['reached'] else 'no'} | {r['steps']} | "
+        lines.append(f"| {r['concept']} | {r['method']} | {'yes' if r['reached'] else 'no'} | "
+                     f"{r.get('stopped', 'target' if r['reached'] else 'step limit')} | {r['steps']} | "
                      f"{r['train_seconds']} | {r['efficacy']:.0%} | {r['specificity']:.0%} | "
                      f"{r['peak_memory_mb']:,.0f} |")
     lines += ["", "Ratios of training time (and peak memory) to reach the target; a run that did not reach it "
-              "within the step limit gives a bound, marked `<`.", "",
+              "(within the step limit or its time budget) gives a bound, marked `<`.", "",
               "| concept | esd-lora / classic | esd-lora / esd-lora-paper | esd-lora-paper / classic | "
               "memory, esd-lora / classic |", "|---|---|---|---|---|"]
     for concept in dict.fromkeys(r["concept"] for r in rows.values()):
@@ -132,12 +144,15 @@ def main() -> None:
     ap.add_argument("--concepts", nargs="+", default=["red", "star", "striped"], help="recipes in recipes/toy/")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--n", type=int, default=16, help="images per prompt at each measurement")
-    ap.add_argument("--max-steps", type=int, default=1000, help="step limit (the paper trains 1000 steps)")
+    ap.add_argument("--max-steps", type=int, default=3000, help="step limit (the paper trains 1000 steps)")
+    ap.add_argument("--no-budget", action="store_true",
+                    help="run the reference methods to the target or the step limit, without a time budget")
+    ap.add_argument("--max-seconds", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--fresh", action="store_true", help="redo runs already in the results file")
     ap.add_argument("--one", nargs=2, metavar=("METHOD", "CONCEPT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run(*args.one, args.n, args.max_steps)))
+        print(json.dumps(run(*args.one, args.n, args.max_steps, args.max_seconds)))
         return
     from esd_lora.io import atomic_write_json, atomic_write_text
 
@@ -149,8 +164,12 @@ def main() -> None:
             key = f"{concept}/{method}"
             if key in rows:
                 continue
+            fast = rows.get(f"{concept}/esd-lora")
+            budget = []
+            if method in BARS and fast and fast["reached"] and not args.no_budget:
+                budget = ["--max-seconds", str(BARS[method] * fast["train_seconds"])]
             done = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--max-steps", str(args.max_steps),
-                                   "--one", method, concept], check=True, stdout=subprocess.PIPE, text=True)
+                                   *budget, "--one", method, concept], check=True, stdout=subprocess.PIPE, text=True)
             rows[key] = json.loads(done.stdout.strip().splitlines()[-1])
             WORK.mkdir(parents=True, exist_ok=True)
             atomic_write_json(results, rows)

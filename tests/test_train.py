@@ -15,7 +15,7 @@ from esd_lora.train import learning_rate, make_optimizer, train
 def recipe_for(model, out, **train_keys):
     return from_dict({
         "model": {"id": str(model)},
-        "concept": {"prompts": ["a red shape", "a crimson shape"]},
+        "concept": {"prompts": ["a red shape", "a crimson shape"], "preserve": ["a blue shape"]},
         "train": {"steps": 3, "ddim_steps": 10, **train_keys},
         "output": {"dir": str(out), "checkpoint_every": 2},
     })
@@ -55,10 +55,12 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
     assert any(not torch.equal(v, base[k]) for k, v in weights.items())
 
 
-@pytest.mark.parametrize("refresh_every", [1, 3])  # 3: the resumed run goes on with the checkpointed trajectory
-def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every):
+# refresh 3: the resumed run goes on with the checkpointed trajectories (of two images)
+@pytest.mark.parametrize("refresh_every,batch", [(1, 1), (3, 2)])
+def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every,
+                                                                  batch):
     model = tiny_models["sd1"]
-    train(recipe_for(model, tmp_path / "full", steps=5, refresh_every=refresh_every), progress=False)
+    train(recipe_for(model, tmp_path / "full", steps=5, refresh_every=refresh_every, batch=batch), progress=False)
 
     real_save = train_module._save_checkpoint
 
@@ -68,12 +70,14 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tm
 
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(recipe_for(model, tmp_path / "resumed", steps=5, refresh_every=refresh_every), progress=False)
+        train(recipe_for(model, tmp_path / "resumed", steps=5, refresh_every=refresh_every, batch=batch),
+              progress=False)
     monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / WEIGHTS_NAME).exists()
     with pytest.raises(RecipeError, match="--resume"):
         train(recipe_for(model, tmp_path / "resumed", steps=5), progress=False)
-    train(recipe_for(model, tmp_path / "resumed", steps=5, refresh_every=refresh_every), resume=True, progress=False)
+    train(recipe_for(model, tmp_path / "resumed", steps=5, refresh_every=refresh_every, batch=batch), resume=True,
+          progress=False)
 
     full = load_file(str(tmp_path / "full" / WEIGHTS_NAME))
     resumed = load_file(str(tmp_path / "resumed" / WEIGHTS_NAME))
