@@ -63,8 +63,8 @@ class TrainSection:
     """Optimisation and the x_t sampler. sampler `trained` is the paper's (the adapter on); `frozen` uses the base.
 
     refresh_every 1 is the paper's sampling: a fresh partial DDIM run for every step, most of a step's
-    compute. N > 1 samples one full run every N steps and trains each step on a latent at a random
-    index of it (one run covers every index), with the current adapter at each refresh.
+    compute. N > 1 samples one full run of `batch` images every N steps and trains each step on a latent
+    of each image at a random index (one run covers every index), with the current adapter at each refresh.
     """
 
     steps: int = 200

@@ -4,7 +4,8 @@ One training step, as in the paper:
 1. pick a concept prompt c (and, with erase_from, a subject s) and a DDIM index k in [0, T);
 2. x_t = k guided DDIM steps from noise, conditioned on c (or s), by the model being trained
    (train.sampler=frozen: by the base); t is drawn in step k's band. With train.refresh_every = N > 1
-   one full run is sampled every N steps and each step takes its latent at a random index k of it;
+   one full run of train.batch images is sampled every N steps, and each step takes a latent of each
+   image at its own random index k;
 3. the frozen model (adapter off) predicts on x_t for c, the empty prompt (and s), without gradient;
 4. the trained model's prediction is pulled towards esd_target() by MSE.
 """
