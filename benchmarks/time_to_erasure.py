@@ -112,7 +112,7 @@ def report(rows: dict[str, dict], argv: list[str]) -> str:
              "peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows.values():
         lines.append(f"| {r['concept']} | {r['method']} | {'yes' if r['reached'] else 'no'} | "
-                     f"{r.get('stopped', 'target' if r['reached'] else 'step limit')} | {r['steps']} | "
+                     f"{r['stopped']} | {r['steps']} | "
                      f"{r['train_seconds']} | {r['efficacy']:.0%} | {r['specificity']:.0%} | "
                      f"{r['peak_memory_mb']:,.0f} |")
     lines += ["", "Ratios of training time (and peak memory) to reach the target; a run that did not reach it "

@@ -29,12 +29,17 @@ def esd_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
+def predictions(unet, scheduler, x_t: torch.Tensor, t: torch.Tensor, conds: list[dict]) -> list[torch.Tensor]:
+    """The model's predictions on x_t for each condition batch, in one UNet call, as fp32."""
+    n = len(conds)
+    preds = unet_eps(unet, scheduler, x_t.repeat(n, 1, 1, 1), t.repeat(n), cat_conditions(conds))
+    return list(preds.float().chunk(n))
+
+
 @torch.no_grad()
 def frozen_predictions(frozen, scheduler, x_t: torch.Tensor, t: torch.Tensor, conds: list[dict]) -> list[torch.Tensor]:
-    """The frozen model's predictions on x_t for each condition batch, in one UNet call, as fp32."""
-    n = len(conds)
-    preds = unet_eps(frozen, scheduler, x_t.repeat(n, 1, 1, 1), t.repeat(n), cat_conditions(conds))
-    return list(preds.float().chunk(n))
+    """predictions() of the frozen teacher, without gradient."""
+    return predictions(frozen, scheduler, x_t, t, conds)
 
 
 @contextmanager

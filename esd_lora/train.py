@@ -31,10 +31,10 @@ from . import __version__
 from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules,
                       unet_hash)
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
-from .models import Conditioner, cat_conditions, load_pipeline, version
-from .objective import adapters_off, esd_loss, esd_target, frozen_predictions
+from .models import Conditioner, load_pipeline, version
+from .objective import adapters_off, esd_loss, esd_target, frozen_predictions, predictions
 from .recipe import Recipe, RecipeError, TrainSection, dump_recipe
-from .sampler import loss_timestep, sample_trajectory, unet_eps
+from .sampler import loss_timestep, sample_trajectory
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -220,12 +220,11 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         target = esd_target(anchor, preds[0], preds[1], concept.eta)
 
         with accelerator.autocast():
-            if concept.preserve:  # the trained and the preserve predictions in one UNet call
-                eps, kept = unet_eps(student, scheduler, torch.cat([x_t, x_t]), t.repeat(2),
-                                     cat_conditions([trained_cond, conds[-1]])).chunk(2)
-                loss = esd_loss(eps, target) + concept.preserve_weight * esd_loss(kept, preds[-1])
-            else:
-                loss = esd_loss(unet_eps(student, scheduler, x_t, t, trained_cond), target)
+            student_conds = [trained_cond, conds[-1]] if concept.preserve else [trained_cond]
+            eps = predictions(student, scheduler, x_t, t, student_conds)  # trained and preserve in one call
+            loss = esd_loss(eps[0], target)
+            if concept.preserve:
+                loss = loss + concept.preserve_weight * esd_loss(eps[1], preds[-1])
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
