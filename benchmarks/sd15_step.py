@@ -82,8 +82,8 @@ def one(mode: str, precision: str) -> dict:
         t = torch.tensor([500])
         t0 = time.perf_counter()
         with teacher() as teacher_unet, accelerator.autocast():
-            preds = frozen_predictions(teacher_unet, scheduler, x_t, t, [cond, empty])
-        target = esd_target(preds[1], preds[0], preds[1], 1.0)
+            preds = frozen_predictions(teacher_unet, scheduler, [x_t, x_t], t, [cond, empty])
+        target = esd_target(preds[0], preds[1], 1.0)
         with accelerator.autocast():
             loss = esd_loss(unet_eps(student, scheduler, x_t, t, cond), target)
         accelerator.backward(loss)

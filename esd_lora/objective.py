@@ -1,10 +1,11 @@
 """ESD's objective (Gandikota et al., ICCV 2023, Eq. 6), in the paper's convention:
 
-    target = eps*(x_t, anchor) - eta * (eps*(x_t, c) - eps*(x_t, empty))
-    loss   = MSE(eps_theta(x_t, trained_prompt), target)
+    target = eps*(x_t, neutral) - eta * (eps*(x_t, c) - eps*(x_t, neutral))
+    loss   = MSE(eps_theta(x_t, c), target)
 
-eps* is the frozen model, here the same UNet with its adapter disabled. Plain erasure uses the
-empty prompt as anchor and c as the trained prompt; `erase_from` uses the subject s for both.
+eps* is the frozen model, here the same UNet with its adapter disabled. The neutral prompt is the empty
+one, as in the paper; `erase_from` puts the subject s there ("a circle" for c = "a red circle"), so the
+guidance is away from what c adds to s, and only where s is named.
 The target's coefficients sum to one, so it is the same combination whatever the model predicts
 (epsilon or v): on a v-prediction model the target is built from v-predictions and means the same.
 """
@@ -19,9 +20,9 @@ from .models import cat_conditions
 from .sampler import unet_eps
 
 
-def esd_target(anchor: torch.Tensor, concept: torch.Tensor, empty: torch.Tensor, eta: float) -> torch.Tensor:
+def esd_target(concept: torch.Tensor, neutral: torch.Tensor, eta: float) -> torch.Tensor:
     """The negatively guided prediction the trained model should make."""
-    return anchor - eta * (concept - empty)
+    return neutral - eta * (concept - neutral)
 
 
 def esd_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -29,17 +30,19 @@ def esd_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
-def predictions(unet, scheduler, x_t: torch.Tensor, t: torch.Tensor, conds: list[dict]) -> list[torch.Tensor]:
-    """The model's predictions on x_t for each condition batch, in one UNet call, as fp32."""
+def predictions(unet, scheduler, latents: list[torch.Tensor], t: torch.Tensor,
+                conds: list[dict]) -> list[torch.Tensor]:
+    """The model's predictions on each latent batch with its condition batch, in one UNet call, as fp32."""
     n = len(conds)
-    preds = unet_eps(unet, scheduler, x_t.repeat(n, 1, 1, 1), t.repeat(n), cat_conditions(conds))
+    preds = unet_eps(unet, scheduler, torch.cat(latents), t.repeat(n), cat_conditions(conds))
     return list(preds.float().chunk(n))
 
 
 @torch.no_grad()
-def frozen_predictions(frozen, scheduler, x_t: torch.Tensor, t: torch.Tensor, conds: list[dict]) -> list[torch.Tensor]:
+def frozen_predictions(frozen, scheduler, latents: list[torch.Tensor], t: torch.Tensor,
+                       conds: list[dict]) -> list[torch.Tensor]:
     """predictions() of the frozen teacher, without gradient."""
-    return predictions(frozen, scheduler, x_t, t, conds)
+    return predictions(frozen, scheduler, latents, t, conds)
 
 
 @contextmanager

@@ -34,9 +34,13 @@ class ModelSection:
 class ConceptSection:
     """What to erase.
 
-    prompts: one is picked per sample. erase_from: subject prompts the concept is erased from
-    (the trained prediction is conditioned on the subject). eta: guidance strength of the erasure.
-    preserve: prompts whose predictions must not change, weighted by preserve_weight.
+    prompts: one is picked per sample. erase_from: the subject the concept is erased from, as a
+    prompt without the concept ("a circle" for "a red circle"); one for every prompt, or one per prompt.
+    It takes the empty prompt's place in ESD's guidance, so only what the concept adds to the subject
+    is erased. eta: guidance strength of the erasure. preserve: prompts whose predictions must not
+    change, weighted by preserve_weight, on the latents sampled for the erased prompts (preserve_on
+    `erased`, no extra sampling) or on latents sampled from the preserve prompts themselves (`own`, twice
+    the sampling), which holds concepts that sit close to the erased one.
     """
 
     prompts: list[str] = field(default_factory=list)
@@ -44,6 +48,11 @@ class ConceptSection:
     eta: float = 1.0
     preserve: list[str] = field(default_factory=list)
     preserve_weight: float = 1.0
+    preserve_on: Literal["erased", "own"] = "erased"
+
+    def subject(self, i: int) -> str:
+        """The erase_from subject of prompt i."""
+        return self.erase_from[i if len(self.erase_from) > 1 else 0]
 
 
 @dataclass
@@ -205,6 +214,8 @@ def _check(recipe: Recipe) -> None:
     rules = [
         ("concept.eta", c.eta > 0, "must be > 0"),
         ("concept.preserve_weight", c.preserve_weight >= 0, "must be >= 0"),
+        ("concept.erase_from", len(c.erase_from) in (0, 1, len(c.prompts)),
+         f"give one subject, or one per concept prompt ({len(c.prompts)})"),
         ("adapter.rank", a.rank >= 1, "must be >= 1"),
         ("adapter.alpha", a.alpha > 0, "must be > 0"),
         ("adapter.dropout", 0 <= a.dropout < 1, "must be in [0, 1)"),

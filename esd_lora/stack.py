@@ -30,8 +30,8 @@ TEXT_KEYED = (".attn2.to_k", ".attn2.to_v")
 
 
 def _adapter_prompts(header: dict[str, str]) -> list[str]:
-    """The prompts an adapter's trained predictions were conditioned on (the subjects, for erase_from)."""
-    return json.loads(header.get("esd_lora.erase_from") or "[]") or json.loads(header.get("esd_lora.concepts", "[]"))
+    """The prompts an adapter's trained predictions were conditioned on."""
+    return json.loads(header.get("esd_lora.concepts", "[]"))
 
 
 def _recipe_preserve(header: dict[str, str]) -> list[str]:

@@ -1,12 +1,13 @@
 """`esd-lora train`: ESD erasure with a LoRA adapter (or, for comparison, classic full-weight ESD).
 
 One training step, as in the paper:
-1. pick a concept prompt c (and, with erase_from, a subject s) and a DDIM index k in [0, T);
-2. x_t = k guided DDIM steps from noise, conditioned on c (or s), by the model being trained
+1. pick a concept prompt c (and, with erase_from, its subject s) and a DDIM index k in [0, T);
+2. x_t = k guided DDIM steps from noise, conditioned on c, by the model being trained
    (train.sampler=frozen: by the base); t is drawn in step k's band. With train.refresh_every = N > 1
    one full run of train.batch images is sampled every N steps, and each step takes a latent of each
-   image at its own random index k;
-3. the frozen model (adapter off) predicts on x_t for c, the empty prompt (and s), without gradient;
+   image at its own random index k. With concept.preserve_on = own, as many images of the preserve
+   prompts are sampled alongside, for the preserve loss;
+3. the frozen model (adapter off) predicts on x_t for c and the empty prompt (or s), without gradient;
 4. the trained model's prediction is pulled towards esd_target() by MSE.
 """
 
@@ -164,9 +165,19 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
 
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     conditioner = Conditioner(pipe, device, unet.dtype)
-    latent_shape = (cfg.batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    sampled_from = concept.erase_from or concept.prompts
+    own = bool(concept.preserve) and concept.preserve_on == "own"  # preserve prompts get latents of their own
+    n_sampled = cfg.batch * (2 if own else 1)
+    latent_shape = (n_sampled, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     empty = conditioner([""] * cfg.batch)
+    sampling_empty = conditioner([""] * n_sampled)
+
+    def new_picks() -> list[int]:
+        """Concept prompt indices, then (own) preserve prompt indices, of the images to sample."""
+        picks = [rng.randrange(len(concept.prompts)) for _ in range(cfg.batch)]
+        return picks + [rng.randrange(len(concept.preserve)) for _ in range(cfg.batch)] if own else picks
+
+    def sampled_prompts(picks: list[int]) -> list[str]:
+        return [concept.prompts[i] for i in picks[:cfg.batch]] + [concept.preserve[j] for j in picks[cfg.batch:]]
 
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
@@ -188,40 +199,37 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
 
         sampler_ctx = teacher() if cfg.sampler == "frozen" else nullcontext(accelerator.unwrap_model(student))
         if cfg.refresh_every == 1:  # the paper: a fresh partial run to a random DDIM index for every step
-            picks = [rng.randrange(len(sampled_from)) for _ in range(cfg.batch)]
+            picks = new_picks()
             ks = [int(torch.randint(0, cfg.ddim_steps, (1,), generator=gen))] * cfg.batch
             with sampler_ctx as sampler_unet:
-                x_t = sample_trajectory(sampler_unet, scheduler, conditioner([sampled_from[i] for i in picks]),
-                                        empty, ks[0], cfg.ddim_steps, cfg.guidance, gen, latent_shape,
-                                        unet.dtype, device)[-1]
+                x = sample_trajectory(sampler_unet, scheduler, conditioner(sampled_prompts(picks)), sampling_empty,
+                                      ks[0], cfg.ddim_steps, cfg.guidance, gen, latent_shape, unet.dtype, device)[-1]
         else:  # one full run every refresh_every steps; each step trains on latents at random indices of it
             if trajectory is None or step % cfg.refresh_every == 0:
-                picks = [rng.randrange(len(sampled_from)) for _ in range(cfg.batch)]
+                picks = new_picks()
                 with sampler_ctx as sampler_unet:
-                    trajectory = sample_trajectory(sampler_unet, scheduler,
-                                                   conditioner([sampled_from[i] for i in picks]), empty,
-                                                   cfg.ddim_steps - 1, cfg.ddim_steps, cfg.guidance, gen,
-                                                   latent_shape, unet.dtype, device)
+                    trajectory = sample_trajectory(sampler_unet, scheduler, conditioner(sampled_prompts(picks)),
+                                                   sampling_empty, cfg.ddim_steps - 1, cfg.ddim_steps,
+                                                   cfg.guidance, gen, latent_shape, unet.dtype, device)
             ks = [rng.randrange(cfg.ddim_steps) for _ in range(cfg.batch)]
-            x_t = trajectory[ks, torch.arange(cfg.batch)]
-        trained_prompts = [sampled_from[i] for i in picks]
-        concept_prompts = [concept.prompts[i % len(concept.prompts)] for i in picks]
+            x = trajectory[ks * (n_sampled // cfg.batch), torch.arange(n_sampled)]
+        x_t = x[:cfg.batch]
         t = loss_timestep(ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(device)
-        trained_cond = conditioner(trained_prompts)
+        trained_cond = conditioner([concept.prompts[i] for i in picks[:cfg.batch]])
+        neutral = conditioner([concept.subject(i) for i in picks[:cfg.batch]]) if concept.erase_from else empty
 
-        conds = [conditioner(concept_prompts), empty]
-        if concept.erase_from:
-            conds.append(trained_cond)
-        if concept.preserve:
-            conds.append(conditioner([rng.choice(concept.preserve) for _ in range(cfg.batch)]))
+        latents, conds = [x_t, x_t], [trained_cond, neutral]
+        if concept.preserve:  # on the concept's latents, or (own) on latents sampled from the preserve prompts
+            kept = picks[cfg.batch:] if own else [rng.randrange(len(concept.preserve)) for _ in range(cfg.batch)]
+            latents.append(x[cfg.batch:] if own else x_t)
+            conds.append(conditioner([concept.preserve[j] for j in kept]))
         with teacher() as frozen:
-            preds = frozen_predictions(frozen, scheduler, x_t, t, conds)
-        anchor = preds[2] if concept.erase_from else preds[1]
-        target = esd_target(anchor, preds[0], preds[1], concept.eta)
+            preds = frozen_predictions(frozen, scheduler, latents, t, conds)
+        target = esd_target(preds[0], preds[1], concept.eta)
 
         with accelerator.autocast():
-            student_conds = [trained_cond, conds[-1]] if concept.preserve else [trained_cond]
-            eps = predictions(student, scheduler, x_t, t, student_conds)  # trained and preserve in one call
+            trained = [0, 2] if concept.preserve else [0]  # the trained and preserve predictions, in one call
+            eps = predictions(student, scheduler, [latents[i] for i in trained], t, [conds[i] for i in trained])
             loss = esd_loss(eps[0], target)
             if concept.preserve:
                 loss = loss + concept.preserve_weight * esd_loss(eps[1], preds[-1])

@@ -6,13 +6,12 @@ from esd_lora.objective import adapters_off, esd_loss, esd_target
 
 
 def test_target_matches_a_hand_computed_case():
-    anchor = torch.tensor([1.0, 2.0])
     concept = torch.tensor([3.0, 5.0])
     empty = torch.tensor([1.0, 2.0])
-    assert torch.equal(esd_target(anchor, concept, empty, eta=1.0), torch.tensor([-1.0, -1.0]))
-    assert torch.equal(esd_target(anchor, concept, empty, eta=2.0), torch.tensor([-3.0, -4.0]))
-    subject = torch.tensor([0.5, 0.5])  # erase_from anchors on the subject's prediction
-    assert torch.equal(esd_target(subject, concept, empty, eta=1.0), torch.tensor([-1.5, -2.5]))
+    assert torch.equal(esd_target(concept, empty, eta=1.0), torch.tensor([-1.0, -1.0]))
+    assert torch.equal(esd_target(concept, empty, eta=2.0), torch.tensor([-3.0, -4.0]))
+    subject = torch.tensor([2.5, 4.5])  # erase_from: only what c adds to the subject is reversed
+    assert torch.equal(esd_target(concept, subject, eta=1.0), torch.tensor([2.0, 4.0]))
 
 
 def test_loss_on_a_tiny_network_equals_the_hand_derivation():
@@ -21,7 +20,7 @@ def test_loss_on_a_tiny_network_equals_the_hand_derivation():
     c, e = torch.full((2, 4), 0.3), torch.full((2, 4), -0.1)
     net = lambda x, cond: x + cond  # noqa: E731
     eta = 1.5
-    loss = esd_loss(net(x, c), esd_target(net(x, e), net(x, c), net(x, e), eta))
+    loss = esd_loss(net(x, c), esd_target(net(x, c), net(x, e), eta))
     assert torch.allclose(loss, torch.tensor(((1 + eta) * 0.4) ** 2))
 
 
@@ -29,11 +28,11 @@ def test_target_means_the_same_for_epsilon_and_v_prediction():
     torch.manual_seed(0)
     alpha_bar = torch.tensor(0.3)
     x_t = torch.randn(3, 4)
-    eps = {k: torch.randn(3, 4) for k in ("anchor", "concept", "empty")}
+    eps = {k: torch.randn(3, 4) for k in ("concept", "empty")}
     x0 = {k: (x_t - (1 - alpha_bar).sqrt() * v) / alpha_bar.sqrt() for k, v in eps.items()}
     v = {k: alpha_bar.sqrt() * eps[k] - (1 - alpha_bar).sqrt() * x0[k] for k in eps}
-    target_eps = esd_target(eps["anchor"], eps["concept"], eps["empty"], 2.0)
-    target_v = esd_target(v["anchor"], v["concept"], v["empty"], 2.0)
+    target_eps = esd_target(eps["concept"], eps["empty"], 2.0)
+    target_v = esd_target(v["concept"], v["empty"], 2.0)
     # v -> eps on the same x_t: eps = sqrt(a) v + sqrt(1 - a) x_t
     assert torch.allclose(alpha_bar.sqrt() * target_v + (1 - alpha_bar).sqrt() * x_t, target_eps, atol=1e-5)
 

@@ -35,6 +35,8 @@ def test_adapter_none_is_classic_mode():
     ({**BASE, "adapter": "sometimes"}, [], "adapter.kind"),
     ({**BASE, "concept": {"prompts": []}}, [], "concept.prompts"),
     ({**BASE, "concept": {"prompts": ["x"], "eta": -1}}, [], "concept.eta"),
+    ({**BASE, "concept": {"prompts": ["a red circle", "a red disk", "a red disc"],
+                          "erase_from": ["a circle", "a disk"]}}, [], "concept.erase_from"),
     ({**BASE, "model": {"dtype": "int8"}}, [], "model.dtype"),
     ({**BASE, "train": {"gradient_checkpointing": "maybe"}}, [], "train.gradient_checkpointing"),
     ({**BASE, "train": {"refresh_every": 0}}, [], "train.refresh_every"),

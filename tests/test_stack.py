@@ -62,6 +62,6 @@ def test_joint_recipe_drops_preserve_prompts_that_name_an_erased_concept(tiny_mo
     assert joint.concept.prompts == ["a red shape", "a blue shape"] and joint.concept.preserve == []
     assert joint.train.steps == 4
     erase_from = _recipe(tiny_models["sd1"], "red", tmp_path)
-    erase_from.concept.erase_from = ["a red circle"]
+    erase_from.concept.erase_from = ["a circle"]
     with pytest.raises(RecipeError, match="erase_from"):
         joint_recipe([erase_from])

@@ -55,12 +55,32 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
     assert any(not torch.equal(v, base[k]) for k, v in weights.items())
 
 
-# refresh 3: the resumed run goes on with the checkpointed trajectories (of two images)
-@pytest.mark.parametrize("refresh_every,batch", [(1, 1), (3, 2)])
+@pytest.fixture
+def conditioned(monkeypatch) -> list[list[str]]:
+    """Every prompt batch the trainer conditions on, in order."""
+    seen = []
+
+    class Recording(train_module.Conditioner):
+        def __call__(self, prompts):
+            seen.append(list(prompts))
+            return super().__call__(prompts)
+
+    monkeypatch.setattr(train_module, "Conditioner", Recording)
+    return seen
+
+
+# refresh 3: the resumed run goes on with the checkpointed trajectories (of two images, or of two images and
+# two of the preserve prompt's own)
+@pytest.mark.parametrize("refresh_every,batch,preserve_on", [(1, 1, "erased"), (1, 1, "own"), (3, 2, "erased"),
+                                                              (3, 2, "own")])
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every,
-                                                                  batch):
-    model = tiny_models["sd1"]
-    train(recipe_for(model, tmp_path / "full", steps=5, refresh_every=refresh_every, batch=batch), progress=False)
+                                                                  batch, preserve_on):
+    def recipe(name):
+        r = recipe_for(tiny_models["sd1"], tmp_path / name, steps=5, refresh_every=refresh_every, batch=batch)
+        r.concept.preserve_on = preserve_on
+        return r
+
+    train(recipe("full"), progress=False)
 
     real_save = train_module._save_checkpoint
 
@@ -70,14 +90,12 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tm
 
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(recipe_for(model, tmp_path / "resumed", steps=5, refresh_every=refresh_every, batch=batch),
-              progress=False)
+        train(recipe("resumed"), progress=False)
     monkeypatch.setattr(train_module, "_save_checkpoint", real_save)
     assert not (tmp_path / "resumed" / WEIGHTS_NAME).exists()
     with pytest.raises(RecipeError, match="--resume"):
-        train(recipe_for(model, tmp_path / "resumed", steps=5), progress=False)
-    train(recipe_for(model, tmp_path / "resumed", steps=5, refresh_every=refresh_every, batch=batch), resume=True,
-          progress=False)
+        train(recipe("resumed"), progress=False)
+    train(recipe("resumed"), resume=True, progress=False)
 
     full = load_file(str(tmp_path / "full" / WEIGHTS_NAME))
     resumed = load_file(str(tmp_path / "resumed" / WEIGHTS_NAME))
@@ -85,6 +103,26 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tm
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5]
+
+
+def test_erase_from_guides_away_from_each_prompts_own_subject(tiny_models, tmp_path, conditioned):
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "f", steps=4, batch=2)
+    recipe.concept.prompts = ["a red circle", "a red square"]
+    recipe.concept.erase_from = ["a circle", "a square"]
+    train(recipe, progress=False)
+    subject_of = dict(zip(recipe.concept.prompts, recipe.concept.erase_from))
+    neutral = [i for i, prompts in enumerate(conditioned) if set(prompts) <= set(recipe.concept.erase_from)]
+    assert len(neutral) == 4  # one neutral batch per step, right after that step's concept prompts
+    assert all(conditioned[i] == [subject_of[p] for p in conditioned[i - 1]] for i in neutral)
+
+
+def test_preserve_on_own_samples_latents_from_the_preserve_prompts(tiny_models, tmp_path, conditioned):
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "own", steps=2, batch=2, refresh_every=1)
+    recipe.concept.preserve_on = "own"
+    train(recipe, progress=False)
+    sampled = [p for p in conditioned if len(p) == 4 and any(p)]  # two concept and two preserve images a step
+    assert len(sampled) == 2 and all(p[2:] == ["a blue shape"] * 2 for p in sampled)
+    assert all(set(p[:2]) <= set(recipe.concept.prompts) for p in sampled)
 
 
 def test_optimizer_falls_back_to_adamw_with_one_warning(monkeypatch, capsys):
