@@ -215,7 +215,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             x = trajectory[ks * (n_sampled // cfg.batch), torch.arange(n_sampled)]
         x_t = x[:cfg.batch]
         t = loss_timestep(ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(device)
-        trained_cond = conditioner([concept.prompts[i] for i in picks[:cfg.batch]])
+        trained_cond = conditioner(sampled_prompts(picks)[:cfg.batch])
         neutral = conditioner([concept.subject(i) for i in picks[:cfg.batch]]) if concept.erase_from else empty
 
         latents, conds = [x_t, x_t], [trained_cond, neutral]
@@ -228,8 +228,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         target = esd_target(preds[0], preds[1], concept.eta)
 
         with accelerator.autocast():
-            trained = [0, 2] if concept.preserve else [0]  # the trained and preserve predictions, in one call
-            eps = predictions(student, scheduler, [latents[i] for i in trained], t, [conds[i] for i in trained])
+            rows = [0, 2] if concept.preserve else [0]  # c's and the preserve prompt's predictions, in one call
+            eps = predictions(student, scheduler, [latents[i] for i in rows], t, [conds[i] for i in rows])
             loss = esd_loss(eps[0], target)
             if concept.preserve:
                 loss = loss + concept.preserve_weight * esd_loss(eps[1], preds[-1])
