@@ -1,9 +1,9 @@
 """Write erasures in the layouts other tools load.
 
-- A merged SD 1.x/2.x pipeline as one original-layout (LDM) safetensors file, the layout that
-  A1111, ComfyUI and diffusers' `from_single_file` read.
+- A merged SD 1.x/2.x or SDXL pipeline as one original-layout (LDM/SGM) safetensors file, the layout
+  that A1111, ComfyUI and diffusers' `from_single_file` read.
 - An adapter as a diffusers LoRA file (`pipe.load_lora_weights`) or as a kohya LoRA file
-  (A1111, ComfyUI), with the `ss_*` header kohya tools expect and the adapter's real alpha.
+  (A1111, ComfyUI), with the `ss_*` and `modelspec.*` header kohya tools write and the adapter's real alpha.
 
 diffusers reads these layouts but has no writer for them; the key maps below are the inverse of
 its single-file converters, and the tests check them by loading the files back through diffusers.
@@ -12,6 +12,9 @@ its single-file converters, and the tests check them by loading the files back t
 from __future__ import annotations
 
 import json
+import math
+import re
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -22,9 +25,25 @@ from .io import atomic_save_safetensors
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_TEXT_PREFIX = "cond_stage_model.transformer."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer."  # CLIP ViT-L, HF layout
+SDXL_TEXT_2_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP ViT-bigG, OpenCLIP layout
+OPEN_CLIP_NAMES = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                   "embeddings.position_embedding.weight": "positional_embedding",
+                   "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+OPEN_CLIP_BLOCK_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                         "self_attn.out_proj": "attn.out_proj"}
+OPEN_CLIP_FUSED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # in_proj's row order
+CLIP_LAYER = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
 UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                      "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
-KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+KOHYA_BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}  # kohya appends "_v" for v-pred SD 1/2
+MODELSPEC_VERSION = "1.0.1"
+MODELSPEC_ARCHITECTURES = {"sd_v1": "stable-diffusion-v1", "sd_v1_v": "stable-diffusion-v1",  # by kohya version
+                           "sd_v2": "stable-diffusion-v2-512", "sd_v2_v": "stable-diffusion-v2-768-v",
+                           "sdxl_base_v1-0": "stable-diffusion-xl-v1-base"}
+MODELSPEC_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}
+# SD 1.x and SDXL base models predict noise (kohya assumes so unless told otherwise); SD 2.x has both kinds
+DEFAULT_PREDICTIONS = {"sd1": "epsilon", "sdxl": "epsilon"}
 VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -44,14 +63,22 @@ def _rename(key: str, prefixes: dict[str, str], inner: dict[str, str] | None = N
     return None
 
 
+def _layers_per_block(cfg) -> int:
+    """The resnets per UNet level; the original layout numbers its blocks by one count for every level."""
+    per = cfg.layers_per_block
+    if isinstance(per, int):
+        return per
+    if len(set(per)) != 1:
+        raise ExportError(f"single-file export needs the same layers_per_block on every UNet level, not {list(per)}")
+    return per[0]
+
+
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    """The UNet's weights under original Stable Diffusion names (SD 1.x/2.x block layout)."""
+    """The UNet's weights under original Stable Diffusion names (SD 1.x/2.x and SDXL block layout)."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
     cfg = unet.config
-    per = cfg.layers_per_block
-    if not isinstance(per, int) or cfg.get("addition_embed_type") is not None:
-        raise ExportError("single-file export supports SD 1.x/2.x UNets only (this one has SDXL-style blocks)")
+    per = _layers_per_block(cfg)
     levels = len(cfg.block_out_channels)
     resnets, others = {"mid_block.resnets.0.": "middle_block.0.", "mid_block.resnets.1.": "middle_block.2."}, {
         "mid_block.attentions.0.": "middle_block.1."}
@@ -67,7 +94,9 @@ def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
         if i < levels - 1:
             slot = 2 if "CrossAttn" in cfg.up_block_types[i] else 1
             others[f"up_blocks.{i}.upsamplers.0.conv."] = f"output_blocks.{(per + 1) * i + per}.{slot}.conv."
-    fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    fixed = dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"])
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL's size and pooled-text embedding
+        fixed.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
     out = {}
     for key, value in unet.state_dict().items():
         new = fixed.get(key) or _rename(key, resnets, UNET_RESNET_NAMES) or _rename(key, others)
@@ -106,14 +135,51 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
+def clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder in the HF layout original checkpoints keep it in (SD 1.x, SDXL's first encoder)."""
+    # transformers 5 drops the `text_model.` level that checkpoints and their readers expect
+    return {prefix + (k if k.startswith("text_model.") else f"text_model.{k}"): v
+            for k, v in text_encoder.state_dict().items()}
+
+
+def open_clip_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder with projection under OpenCLIP's names (SDXL's second encoder): q, k and v fused
+    into one `in_proj`, and the projection stored as the matrix text features are multiplied by."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in text_encoder.state_dict().items():
+        key = key.removeprefix("text_model.")
+        layer = CLIP_LAYER.fullmatch(key)
+        if key in OPEN_CLIP_NAMES:
+            out[OPEN_CLIP_NAMES[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T
+        elif layer and layer[2] in OPEN_CLIP_BLOCK_NAMES:
+            out[f"transformer.resblocks.{layer[1]}.{OPEN_CLIP_BLOCK_NAMES[layer[2]]}.{layer[3]}"] = value
+        elif layer and layer[2] in OPEN_CLIP_FUSED:
+            qkv.setdefault(f"transformer.resblocks.{layer[1]}.attn.in_proj_{layer[3]}", {})[layer[2]] = value
+        else:
+            raise ExportError(f"single-file export: no OpenCLIP name for text encoder weight {key}")
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts[name] for name in OPEN_CLIP_FUSED])
+    return out
+
+
 def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
-    """A whole SD 1.x/2.x pipeline as one original-layout state dict (CLIP text encoder in the HF layout
-    under `cond_stage_model.transformer.`, as SD 1.x checkpoints store it)."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ExportError("single-file export supports SD 1.x/2.x pipelines; this one is SDXL")
+    """A whole SD 1.x/2.x or SDXL pipeline as one original-layout state dict.
+
+    SD 1.x/2.x: the CLIP text encoder in the HF layout under `cond_stage_model.transformer.`, as SD 1.x
+    checkpoints store it. SDXL: CLIP ViT-L the same way under `conditioner.embedders.0.transformer.` and
+    the second encoder in OpenCLIP's layout under `conditioner.embedders.1.model.`, as SDXL 1.0 base does.
+    """
     state = {**unet_to_ldm(pipe.unet), **vae_to_ldm(pipe.vae)}
-    for key, value in pipe.text_encoder.state_dict().items():  # transformers 5 drops the `text_model.` level
-        state[LDM_TEXT_PREFIX + (key if key.startswith("text_model.") else f"text_model.{key}")] = value
+    if getattr(pipe, "text_encoder_2", None) is None:
+        state.update(clip_to_ldm(pipe.text_encoder, LDM_TEXT_PREFIX))
+    elif pipe.text_encoder is None:
+        raise ExportError("single-file export: this SDXL pipeline has no first text encoder (a refiner?)")
+    else:
+        state.update(clip_to_ldm(pipe.text_encoder, SDXL_TEXT_PREFIX))
+        state.update({SDXL_TEXT_2_PREFIX + k: v for k, v in open_clip_to_ldm(pipe.text_encoder_2).items()})
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -139,6 +205,64 @@ def _lora_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return load_file(str(file)), meta, config
 
 
+def _header_number(meta: dict[str, str], key: str) -> float | None:
+    """A positive number from the adapter's header; None when the adapter predates the field."""
+    if key not in meta:
+        return None
+    try:
+        value = float(meta[key])
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ExportError(f"adapter header field {key} is {meta[key]!r}, not a positive number")
+    return value
+
+
+def _model_name(model: str) -> str:
+    """The base model as kohya records it: a local one by its file or folder name, a hub one by its id."""
+    path = Path(model)
+    return path.name if path.is_absolute() or model.startswith((".", "~")) or path.exists() else model
+
+
+def base_model_header(meta: dict[str, str], title: str) -> dict[str, str]:
+    """What A1111 and model hubs read about the base model: kohya's `ss_*` fields and the SAI model spec
+    (`modelspec.*`), as kohya's trainer writes them for a LoRA. A field the adapter's header cannot tell
+    (older adapters lack some) is left out rather than guessed."""
+    family = meta.get("esd_lora.base_family")
+    if family not in KOHYA_BASE_VERSIONS:
+        return {}
+    prediction = meta.get("esd_lora.prediction_type", DEFAULT_PREDICTIONS.get(family))
+    if prediction is not None and prediction not in MODELSPEC_PREDICTIONS:
+        raise ExportError(f"adapter header field esd_lora.prediction_type is {prediction!r}; kohya and the model "
+                          f"spec know {' and '.join(MODELSPEC_PREDICTIONS)}")
+    # an SD 2.x adapter of unknown prediction type still gets `sd_v2`: the family is what A1111 reads from it
+    version = KOHYA_BASE_VERSIONS[family] + ("_v" if prediction == "v_prediction" and family != "sdxl" else "")
+    header = {"ss_base_model_version": version, "ss_v2": str(family == "sd2")}  # A1111 tells SD 2 LoRAs by ss_v2
+    if meta.get("esd_lora.base_model"):
+        header["ss_sd_model_name"] = _model_name(meta["esd_lora.base_model"])
+    started = _header_number(meta, "esd_lora.training_started_at")
+    if started is not None:
+        header["ss_training_started_at"] = meta["esd_lora.training_started_at"]
+    side = _header_number(meta, "esd_lora.resolution")
+    if side is not None:
+        if not side.is_integer():
+            raise ExportError(f"adapter header field esd_lora.resolution is {meta['esd_lora.resolution']!r}, "
+                              "not a whole number of pixels")
+        side = int(side)
+        header["ss_resolution"] = str((side, side))
+    if prediction is None:  # the model spec's architecture (SD 2 512 or 768-v) would be a guess
+        return header
+    header.update({"modelspec.sai_model_spec": MODELSPEC_VERSION,
+                   "modelspec.architecture": f"{MODELSPEC_ARCHITECTURES[version]}/lora",
+                   "modelspec.implementation": "diffusers",  # the tensor names are diffusers' module names
+                   "modelspec.title": title, "modelspec.prediction_type": MODELSPEC_PREDICTIONS[prediction]})
+    if side is not None:
+        header["modelspec.resolution"] = f"{side}x{side}"
+    if started is not None:
+        header["modelspec.date"] = datetime.fromtimestamp(int(started), timezone.utc).isoformat()
+    return header
+
+
 def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya") -> Path:
     """Write an adapter as a diffusers or kohya LoRA file; every `esd_lora.*` header field is kept."""
     from diffusers.utils import convert_state_dict_to_kohya
@@ -161,9 +285,8 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya") -> Pat
         kohya[key] = torch.tensor(alpha)  # diffusers writes alpha = rank; keep the trained scale
     header = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-        "ss_base_model_version": KOHYA_BASE_VERSIONS.get(meta.get("esd_lora.base_family", "sd1"), "sd_v1"),
-        "ss_training_comment": "ESD concept erasure (esd-lora)",
-        "ss_output_name": out.stem, **provenance,
+        "ss_training_comment": "ESD concept erasure (esd-lora)", "ss_output_name": out.stem,
+        **base_model_header(meta, meta.get("esd_lora.recipe_name") or out.stem), **provenance,
     }
     atomic_save_safetensors(kohya, out, metadata=header)
     return out

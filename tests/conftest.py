@@ -87,6 +87,9 @@ def make_adapter(model: Path, out: Path, prompts: list[str], targets: str = "esd
     pipe = load_pipeline(str(model))
     unet = pipe.unet
     metadata = {"esd_lora.base_unet_sha256": unet_hash(unet), "esd_lora.base_family": version(pipe),
+                "esd_lora.base_model": str(model), "esd_lora.prediction_type": pipe.scheduler.config.prediction_type,
+                "esd_lora.resolution": str(unet.config.sample_size * pipe.vae_scale_factor),
+                "esd_lora.training_started_at": "1764140000.5",
                 "esd_lora.concepts": json.dumps(prompts), "esd_lora.recipe_name": out.name,
                 "esd_lora.eta": "1.0", "esd_lora.target_spec": json.dumps(targets), "esd_lora.steps": "0"}
     unet.add_adapter(lora_config(4, alpha, 0.0, "default", select_modules(unet, targets)), adapter_name=ADAPTER_NAME)
