@@ -62,7 +62,7 @@ def write_results(command: str) -> str:
     import torch
 
     from esd_lora.io import atomic_write_text
-    from esd_lora.train import package_versions
+    from esd_lora.provenance import package_versions
 
     tte = json.loads((ROOT / "build" / "time_to_erasure" / "results.json").read_text())
     sd15 = json.loads((ROOT / "build" / "sd15_step" / "results.json").read_text())

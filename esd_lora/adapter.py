@@ -7,13 +7,15 @@ for nudity and objects). A selection that matches nothing is an error, never a s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .errors import AdapterError, TargetError
+from .provenance import AdapterProvenance, BaseIdentity, base_identity, check_adapter, read_metadata
 
 ADAPTER_NAME = "esd"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights(folder) finds it
@@ -27,10 +29,6 @@ PRESETS: dict[str, str] = {
     "esd-all": r".*",
 }
 TRAINABLE_TYPES = (nn.Linear, nn.Conv2d)
-
-
-class TargetError(ValueError):
-    """A target preset, regex or list selected no layer, or named a layer that does not exist."""
 
 
 def select_modules(unet: nn.Module, targets: str | list[str]) -> list[str]:
@@ -69,18 +67,6 @@ def lora_config(rank: int, alpha: float, dropout: float, init: str, modules: lis
     )
 
 
-def unet_hash(unet: nn.Module) -> str:
-    """sha256 of the base UNet's weight names, shapes and values (as loaded, in fp32), skipping adapter tensors."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(unet.state_dict().items()):
-        if "lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".")
-        digest.update(f"{name}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def save_lora(unet: nn.Module, path: str | Path, metadata: dict[str, str]) -> None:
     """Write the adapter in diffusers' LoRA format (`unet.`-prefixed PEFT keys, config in the header)."""
     from peft.utils import get_peft_model_state_dict
@@ -93,18 +79,6 @@ def save_lora(unet: nn.Module, path: str | Path, metadata: dict[str, str]) -> No
     header = {"format": "pt", LORA_METADATA_KEY: json.dumps(config, sort_keys=True), **metadata}
     tensors = {f"unet.{k}": v.detach().float().contiguous().cpu() for k, v in state.items()}
     atomic_save_safetensors(tensors, path, metadata=header)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The safetensors header metadata of an adapter file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-class AdapterError(ValueError):
-    """An adapter is missing, unreadable or was trained for another base model."""
 
 
 def adapter_file(path: str | Path) -> Path:
@@ -122,20 +96,23 @@ def adapter_file(path: str | Path) -> Path:
     return path
 
 
+def adapter_provenance(path: str | Path) -> AdapterProvenance:
+    """The provenance record in an adapter's header (a folder or a file)."""
+    file = adapter_file(path)
+    return AdapterProvenance.from_metadata(read_metadata(file), file)
+
+
 def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = None,
-                  base_hash: str | None = None) -> list[str]:
-    """Load LoRA adapters into the pipeline's UNet and activate them together; refuse an adapter whose
-    recorded base UNet hash differs from this pipeline's (`base_hash`, when the caller has it already)."""
+                  base: BaseIdentity | None = None) -> list[str]:
+    """Load LoRA adapters into the pipeline's UNet and activate them together, after checking that each
+    was trained for this base (`base`, when the caller has hashed it already)."""
     if not paths:
         return []
-    base = base_hash or unet_hash(pipe.unet)
+    base = base or base_identity(pipe)
     names = []
     for i, path in enumerate(paths):
         file = adapter_file(path)
-        recorded = read_metadata(file).get("esd_lora.base_unet_sha256")
-        if recorded and recorded != base:
-            raise AdapterError(f"adapter {path}: trained for another base model (UNet hash {recorded[:12]}, "
-                               f"this model {base[:12]})")
+        check_adapter(path, adapter_provenance(file), base)
         if file.name == CLASSIC_WEIGHTS_NAME:
             raise AdapterError(f"adapter {path}: classic ESD weights are not a LoRA adapter; merge them instead")
         name = f"erase_{i}"

@@ -13,7 +13,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summary = train(recipe, resume=args.resume, progress=not args.quiet)
+    summary = train(recipe, resume=args.resume, progress=not args.quiet, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
 
 
@@ -43,7 +43,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
             for seed, img in zip(seeds, row):
                 save_png(to_pil_grid(img[None], cols=1, pad=0), Path(args.out_dir) / f"{tag}_{seed:05d}.png")
     what = "base (top) and with adapters (bottom)" if args.adapter else "images"
-    print(f"wrote {args.out}: {args.n} {what} for {args.prompt!r}")
+    print(f"wrote {args.out}: {args.n} {what} for {args.prompt!r} ({args.steps} steps of "
+          f"{type(pipe.scheduler).__name__}, guidance {args.guidance})")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -74,7 +75,8 @@ def _write_report(report: dict, grid, out: Path) -> None:
 def _cmd_merge(args: argparse.Namespace) -> None:
     from .merge import merge
 
-    out = merge(args.base, args.adapters, args.out, args.weights, args.single_file, args.allow_pickle, args.dtype)
+    out = merge(args.base, args.adapters, args.out, args.weights, args.single_file, args.allow_pickle, args.dtype,
+                args.overwrite)
     print(f"wrote {out}" + (f" and {args.single_file}" if args.single_file else ""))
 
 
@@ -86,12 +88,12 @@ def _cmd_stack(args: argparse.Namespace) -> None:
     training = args.strategy in ("sequential", "joint")
     recipes = [load_recipe(r) for r in args.inputs] if training else []
     preserve = Path(args.preserve).read_text().splitlines() if args.preserve else []
-    out, headers = stack(args.base, args.strategy, args.out, [] if training else args.inputs, recipes,
-                         args.weights, [p.strip() for p in preserve if p.strip()])
+    out, folded = stack(args.base, args.strategy, args.out, [] if training else args.inputs, recipes,
+                        args.weights, [p.strip() for p in preserve if p.strip()], overwrite=args.overwrite)
     print(f"wrote {out}")
     if args.report:
         concepts = args.concepts or list(dict.fromkeys(
-            c for h in headers for p in json.loads(h.get("esd_lora.concepts", "[]")) for c in named_concepts(p)))
+            c for f in folded for p in f.record.concepts for c in named_concepts(p)))
         report, grid = evaluate(args.base, [], concepts, n=args.n, erased_model=str(out))
         _write_report(report, grid, out.with_name(out.name + "-report"))
 
@@ -155,6 +157,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
     t.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true", help="replace an adapter already in the output folder")
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("sample", help="generate a grid of images with fixed seeds")
@@ -164,7 +167,7 @@ def parser() -> argparse.ArgumentParser:
                    help="LoRA adapter folder or file (repeatable); adds a row with the adapters on, same seeds")
     s.add_argument("--n", type=int, default=8, help="images per row (default 8)")
     s.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    s.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    s.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps of the model's own scheduler (default {DEFAULT_STEPS})")
     s.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance (default {DEFAULT_GUIDANCE})")
     s.add_argument("--out", default="grid.png", help="grid PNG to write (default grid.png)")
@@ -194,9 +197,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--base", default="toy", help="`toy`, a diffusers folder or a hub id (default: toy)")
     m.add_argument("--out", required=True, help="pipeline folder to write")
     m.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1)")
-    m.add_argument("--single-file", help="also write the original SD layout to this .safetensors (SD 1.x/2.x)")
+    m.add_argument("--single-file", help="also write the original SD layout to this .safetensors")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="stored dtype (default fp32)")
     m.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle (.ckpt/.bin) base")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out / --single-file")
     m.set_defaults(func=_cmd_merge)
 
     st = sub.add_parser("stack", help="several erasures in one model: sum, fuse, sequential or joint")
@@ -210,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
                     help="measure every erased and kept concept, base against stacked (<out>-report/)")
     st.add_argument("--concepts", nargs="+", help="erased concepts for the report (default: from the adapters)")
     st.add_argument("--n", type=int, default=64, help="report: images per prompt (default 64)")
+    st.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     st.set_defaults(func=_cmd_stack)
 
     v = sub.add_parser("verify", help="recompute a merge and report the largest difference per tensor")
@@ -254,9 +259,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .adapter import AdapterError, TargetError
-    from .models import ModelLoadError
-    from .recipe import RecipeError
+    from .errors import EsdLoraError
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -271,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers_logging.disable_progress_bar()
     try:
         args.func(args)
-    except (RecipeError, ModelLoadError, TargetError, AdapterError, ValueError, FileNotFoundError) as err:
+    except (EsdLoraError, ValueError, FileNotFoundError) as err:
         print(f"esd-lora: error: {err}", file=sys.stderr)
         return 2
     return 0

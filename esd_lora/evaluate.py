@@ -167,7 +167,7 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
     report = {
         "model": model, "erased_model": erased_model or model, "adapters": [str(a) for a in adapters],
         "erased": erased, "erased_from": list(erased_from),
-        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance,
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__,
                      "scorer": f"clip:{clip}" if clip else "toy-classifier"},
         "prompts": {p: {c: {"base": before[p][c], "erased": after[p][c]} for c in before[p]} for p in prompts},
         "summary": summarize(before, after, erased, erased_from),
@@ -182,7 +182,7 @@ def format_report(report: dict) -> str:
              + (", ".join(f"`{a}`" for a in report["adapters"]) or "none")
              + f". Erased: {', '.join(report['erased'])}"
              + (f" (from {', '.join(report['erased_from'])} only)." if report["erased_from"] else "."),
-             f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} DDIM steps, "
+             f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} steps of {s['scheduler']}, "
              f"guidance {s['guidance']}, scored by {s['scorer']}.", "",
              "| prompt | concept | base | erased | |", "|---|---|---|---|---|"]
     for prompt, rates in report["prompts"].items():

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LORA_METADATA_KEY, AdapterError, adapter_file, read_metadata
+from .adapter import LORA_METADATA_KEY, adapter_file
+from .errors import AdapterError, ExportError
 from .io import atomic_save_safetensors
+from .provenance import PREFIX, AdapterProvenance, read_metadata
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
@@ -45,10 +47,6 @@ MODELSPEC_PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}
 # SD 1.x and SDXL base models predict noise (kohya assumes so unless told otherwise); SD 2.x has both kinds
 DEFAULT_PREDICTIONS = {"sd1": "epsilon", "sdxl": "epsilon"}
 VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-class ExportError(ValueError):
-    """A model or adapter cannot be written in the requested layout."""
 
 
 def _rename(key: str, prefixes: dict[str, str], inner: dict[str, str] | None = None) -> str | None:
@@ -205,50 +203,36 @@ def _lora_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     return load_file(str(file)), meta, config
 
 
-def _header_number(meta: dict[str, str], key: str) -> float | None:
-    """A positive number from the adapter's header; None when the adapter predates the field."""
-    if key not in meta:
-        return None
-    try:
-        value = float(meta[key])
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ExportError(f"adapter header field {key} is {meta[key]!r}, not a positive number")
-    return value
-
-
 def _model_name(model: str) -> str:
     """The base model as kohya records it: a local one by its file or folder name, a hub one by its id."""
     path = Path(model)
     return path.name if path.is_absolute() or model.startswith((".", "~")) or path.exists() else model
 
 
-def base_model_header(meta: dict[str, str], title: str) -> dict[str, str]:
+def base_model_header(record: AdapterProvenance, title: str) -> dict[str, str]:
     """What A1111 and model hubs read about the base model: kohya's `ss_*` fields and the SAI model spec
     (`modelspec.*`), as kohya's trainer writes them for a LoRA. A field the adapter's header cannot tell
     (older adapters lack some) is left out rather than guessed."""
-    family = meta.get("esd_lora.base_family")
+    family = record.base_family
     if family not in KOHYA_BASE_VERSIONS:
         return {}
-    prediction = meta.get("esd_lora.prediction_type", DEFAULT_PREDICTIONS.get(family))
+    prediction = record.prediction_type or DEFAULT_PREDICTIONS.get(family)
     if prediction is not None and prediction not in MODELSPEC_PREDICTIONS:
-        raise ExportError(f"adapter header field esd_lora.prediction_type is {prediction!r}; kohya and the model "
+        raise ExportError(f"adapter header field {PREFIX}prediction_type is {prediction!r}; kohya and the model "
                           f"spec know {' and '.join(MODELSPEC_PREDICTIONS)}")
+    started, side = record.training_started_at, record.resolution
+    if not (isinstance(started, (int, float)) and math.isfinite(started) and started >= 0):
+        raise ExportError(f"adapter header field {PREFIX}training_started_at is {started!r}, not a time")
+    if not (isinstance(side, int) and side >= 0):
+        raise ExportError(f"adapter header field {PREFIX}resolution is {side!r}, not a whole number of pixels")
     # an SD 2.x adapter of unknown prediction type still gets `sd_v2`: the family is what A1111 reads from it
     version = KOHYA_BASE_VERSIONS[family] + ("_v" if prediction == "v_prediction" and family != "sdxl" else "")
     header = {"ss_base_model_version": version, "ss_v2": str(family == "sd2")}  # A1111 tells SD 2 LoRAs by ss_v2
-    if meta.get("esd_lora.base_model"):
-        header["ss_sd_model_name"] = _model_name(meta["esd_lora.base_model"])
-    started = _header_number(meta, "esd_lora.training_started_at")
-    if started is not None:
-        header["ss_training_started_at"] = meta["esd_lora.training_started_at"]
-    side = _header_number(meta, "esd_lora.resolution")
-    if side is not None:
-        if not side.is_integer():
-            raise ExportError(f"adapter header field esd_lora.resolution is {meta['esd_lora.resolution']!r}, "
-                              "not a whole number of pixels")
-        side = int(side)
+    if record.base_model:
+        header["ss_sd_model_name"] = _model_name(record.base_model)
+    if started:
+        header["ss_training_started_at"] = str(started)
+    if side:
         header["ss_resolution"] = str((side, side))
     if prediction is None:  # the model spec's architecture (SD 2 512 or 768-v) would be a guess
         return header
@@ -256,9 +240,9 @@ def base_model_header(meta: dict[str, str], title: str) -> dict[str, str]:
                    "modelspec.architecture": f"{MODELSPEC_ARCHITECTURES[version]}/lora",
                    "modelspec.implementation": "diffusers",  # the tensor names are diffusers' module names
                    "modelspec.title": title, "modelspec.prediction_type": MODELSPEC_PREDICTIONS[prediction]})
-    if side is not None:
+    if side:
         header["modelspec.resolution"] = f"{side}x{side}"
-    if started is not None:
+    if started:
         header["modelspec.date"] = datetime.fromtimestamp(int(started), timezone.utc).isoformat()
     return header
 
@@ -268,7 +252,8 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya") -> Pat
     from diffusers.utils import convert_state_dict_to_kohya
 
     tensors, meta, config = _lora_tensors(path)
-    provenance = {k: v for k, v in meta.items() if k.startswith("esd_lora.")}
+    record = AdapterProvenance.from_metadata(meta, path)
+    provenance = {k: v for k, v in meta.items() if k.startswith(PREFIX)}
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ExportError(f"{out}: an exported adapter must end in .safetensors")
@@ -286,7 +271,7 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya") -> Pat
     header = {
         "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
         "ss_training_comment": "ESD concept erasure (esd-lora)", "ss_output_name": out.stem,
-        **base_model_header(meta, meta.get("esd_lora.recipe_name") or out.stem), **provenance,
+        **base_model_header(record, record.recipe_name or out.stem), **provenance,
     }
     atomic_save_safetensors(kohya, out, metadata=header)
     return out

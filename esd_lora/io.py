@@ -66,3 +66,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, data) -> None:
     """Write JSON crash-safely, indented for people."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool, flag: str, folder: bool = True) -> None:
+    """Refuse to write `out` (a folder, or a file with `folder=False`) where that would lose a user's files:
+    over an existing non-empty one unless `overwrite`, and never over (or around) one of the inputs."""
+    from .errors import OutputError
+
+    out = Path(out).resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if source == out or out in source.parents:
+            raise OutputError(f"{flag} {out}: it holds an input ({item}); write the output somewhere else")
+    if any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        raise OutputError(f"{flag} {out}: a parent of it is a file")
+    if out.exists() and out.is_dir() != folder:
+        raise OutputError(f"{flag} {out}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'} path")
+    if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
+        raise OutputError(f"{flag} {out}: already exists and is not empty; pass --overwrite to replace it")

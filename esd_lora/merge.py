@@ -11,14 +11,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .adapter import CLASSIC_WEIGHTS_NAME, AdapterError, adapter_file, load_adapters, read_metadata, unet_hash
-from .io import atomic_dir, atomic_save_safetensors
-from .models import load_pipeline, version
+from .adapter import CLASSIC_WEIGHTS_NAME, AdapterError, adapter_file, adapter_provenance, load_adapters
+from .io import atomic_dir, atomic_save_safetensors, check_output
+from .models import load_pipeline
+from .provenance import AdapterProvenance, BaseIdentity, MergedProvenance, base_identity, check_adapter
+
+
+@dataclass
+class Folded:
+    """An adapter going into a merged model: its weights file, the file's sha256 and its provenance."""
+
+    file: Path
+    sha256: str
+    record: AdapterProvenance
 
 
 def file_sha256(path: str | Path) -> str:
@@ -30,62 +41,48 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_adapters(pipe, adapters: list[str | Path], base_hash: str) -> list[dict[str, str]]:
-    """Each adapter's header, after checking it exists and was trained for this base (`base_hash`, the
-    pipeline's UNet hash) and family."""
-    base_family = version(pipe)
-    headers = []
+def check_adapters(adapters: list[str | Path], base: BaseIdentity) -> list[Folded]:
+    """Each adapter's file and provenance, after checking that it was trained for this base."""
+    folded = []
     for path in adapters:
         file = adapter_file(path)
-        meta = read_metadata(file)
-        family = meta.get("esd_lora.base_family")
-        if family and family != base_family:
-            raise AdapterError(f"adapter {path}: trained for an {family} model, the base is {base_family}")
-        recorded = meta.get("esd_lora.base_unet_sha256")
-        if recorded and recorded != base_hash:
-            raise AdapterError(f"adapter {path}: trained for another base model (UNet hash {recorded[:12]}, "
-                               f"this model {base_hash[:12]})")
-        headers.append({**meta, "file": str(file), "sha256": file_sha256(file)})
-    return headers
+        record = adapter_provenance(file)
+        check_adapter(path, record, base)
+        folded.append(Folded(file, file_sha256(file), record))
+    return folded
 
 
 def apply_adapters(pipe, adapters: list[str | Path], weights: list[float] | None = None,
-                   base_hash: str | None = None) -> list[dict[str, str]]:
+                   base: BaseIdentity | None = None) -> list[Folded]:
     """Add each adapter's weight delta (times its weight) to the UNet, in place: the exact sum, no cross terms."""
     from safetensors.torch import load_file
 
     weights = weights or [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters")
-    base_hash = base_hash or unet_hash(pipe.unet)
-    headers = check_adapters(pipe, adapters, base_hash)
-    lora = [(a, w) for a, w, h in zip(adapters, weights, headers) if Path(h["file"]).name != CLASSIC_WEIGHTS_NAME]
-    classic = [(h, w) for h, w in zip(headers, weights) if Path(h["file"]).name == CLASSIC_WEIGHTS_NAME]
-    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()} if classic else {}
+        raise AdapterError(f"--weights: {len(weights)} weights for {len(adapters)} adapters")
+    base = base or base_identity(pipe)
+    folded = check_adapters(adapters, base)
+    lora = [(f.file, w) for f, w in zip(folded, weights) if f.file.name != CLASSIC_WEIGHTS_NAME]
+    classic = [(f.file, w) for f, w in zip(folded, weights) if f.file.name == CLASSIC_WEIGHTS_NAME]
+    original = {k: v.clone() for k, v in pipe.unet.state_dict().items()} if classic else {}
     if lora:
-        names = load_adapters(pipe, [a for a, _ in lora], [w for _, w in lora], base_hash)
+        names = load_adapters(pipe, [a for a, _ in lora], [w for _, w in lora], base)
         pipe.unet.fuse_lora(adapter_names=names)
         pipe.unet.unload_lora()
     state = pipe.unet.state_dict()
-    for header, weight in classic:
+    for file, weight in classic:
         with torch.no_grad():
-            for key, trained in load_file(header["file"]).items():
-                state[key].add_(weight * (trained.to(state[key].dtype) - base[key]))
-    return headers
+            for key, trained in load_file(str(file)).items():
+                state[key].add_(weight * (trained.to(state[key].dtype) - original[key]))
+    return folded
 
 
-def provenance(base: str, base_hash: str, headers: list[dict[str, str]], weights: list[float],
+def provenance(base: str, identity: BaseIdentity, folded: list[Folded], weights: list[float],
                strategy: str) -> dict[str, str]:
     """The safetensors header every merged weight file carries."""
-    return {
-        "esd_lora.erased": json.dumps([json.loads(h.get("esd_lora.concepts", "[]")) for h in headers]),
-        "esd_lora.adapters_sha256": json.dumps([h["sha256"] for h in headers]),
-        "esd_lora.adapter_weights": json.dumps(weights),
-        "esd_lora.strategy": strategy,
-        "esd_lora.base_model": base,
-        "esd_lora.base_unet_sha256": base_hash,
-        "esd_lora.version": __version__,
-    }
+    return MergedProvenance(erased=[f.record.concepts for f in folded], adapters_sha256=[f.sha256 for f in folded],
+                            adapter_weights=list(weights), strategy=strategy, base_model=base,
+                            base_unet_sha256=identity.unet_sha256).to_metadata()
 
 
 def save_merged(pipe, out: str | Path, header: dict[str, str], card: str, single_file: str | Path | None = None,
@@ -123,27 +120,26 @@ def base_licence(base: str) -> str:
     return "other"
 
 
-def model_card(base: str, headers: list[dict[str, str]], weights: list[float], strategy: str) -> str:
+def model_card(base: str, folded: list[Folded], weights: list[float], strategy: str) -> str:
     """README.md with Hugging Face front matter; lists each erasure, its recipe and its measured figures."""
     lines = ["---", f"base_model: {base}", "base_model_relation: merge", f"license: {base_licence(base)}",
              "library_name: diffusers", "tags:", "- stable-diffusion", "- concept-erasure", "- esd", "- esd-lora",
              "---", "", f"# {Path(base).name or base} with concepts erased", "",
-             f"Made with esd-lora {__version__} from `{base}` by folding in {len(headers)} erasure adapter(s) "
+             f"Made with esd-lora {__version__} from `{base}` by folding in {len(folded)} erasure adapter(s) "
              f"(strategy `{strategy}`). The erasures are part of the weights: they cannot be switched off.", "",
              "| erased | recipe | eta | targets | steps | weight | adapter sha256 | measured |",
              "|---|---|---|---|---|---|---|---|"]
-    for header, weight in zip(headers, weights):
-        concepts = ", ".join(json.loads(header.get("esd_lora.concepts", "[]")))
-        lines.append(f"| {concepts} | {header.get('esd_lora.recipe_name', '?')} | {header.get('esd_lora.eta', '?')} "
-                     f"| {header.get('esd_lora.target_spec', '?')} | {header.get('esd_lora.steps', '?')} | {weight} "
-                     f"| `{header['sha256'][:12]}` | {_measured(header['file'])} |")
+    for f, weight in zip(folded, weights):
+        r = f.record
+        lines.append(f"| {', '.join(r.concepts)} | {r.recipe_name or '?'} | {r.eta} | {json.dumps(r.target_spec)} "
+                     f"| {r.steps} | {weight} | `{f.sha256[:12]}` | {_measured(f.file)} |")
     lines += ["", "Each weight file's safetensors header records the erased concepts, the adapters' hashes, the "
               "base UNet's hash and the tool version. `esd-lora verify` recomputes the merge from the base and the "
               "adapters and reports the largest difference per tensor.", ""]
     return "\n".join(lines)
 
 
-def _measured(adapter: str) -> str:
+def _measured(adapter: Path) -> str:
     """The adapter's own evaluation summary (eval/report.json beside it), if it was measured."""
     report = Path(adapter).parent / "eval" / "report.json"
     if not report.is_file():
@@ -158,37 +154,58 @@ def _measured(adapter: str) -> str:
 
 
 def merge(base: str, adapters: list[str | Path], out: str | Path, weights: list[float] | None = None,
-          single_file: str | Path | None = None, allow_pickle: bool = False, dtype: str = "fp32") -> Path:
-    """Fold the adapters into the base and write a complete diffusers pipeline folder (strategy `sum`)."""
+          single_file: str | Path | None = None, allow_pickle: bool = False, dtype: str = "fp32",
+          overwrite: bool = False) -> Path:
+    """Fold the adapters into the base and write a complete diffusers pipeline folder (strategy `sum`).
+
+    An existing non-empty `out` (or `single_file`) is replaced only with `overwrite`, and never when it
+    holds one of the inputs."""
     from .models import DTYPES
 
     weights = weights or [1.0] * len(adapters)
-    for path in adapters:
-        adapter_file(path)  # a missing adapter fails before the model loads
+    files = [adapter_file(path) for path in adapters]  # a missing adapter fails before the model loads
+    check_output(out, [*files, base], overwrite, "--out")
+    if single_file:
+        check_output(single_file, [*files, base], overwrite, "--single-file", folder=False)
     pipe = load_pipeline(base, allow_pickle=allow_pickle)
-    base_hash = unet_hash(pipe.unet)
-    headers = apply_adapters(pipe, adapters, weights, base_hash)
-    header = provenance(base, base_hash, headers, weights, "sum")
-    return save_merged(pipe, out, header, model_card(base, headers, weights, "sum"), single_file, DTYPES[dtype])
+    identity = base_identity(pipe)
+    folded = apply_adapters(pipe, adapters, weights, identity)
+    header = provenance(base, identity, folded, weights, "sum")
+    return save_merged(pipe, out, header, model_card(base, folded, weights, "sum"), single_file, DTYPES[dtype])
+
+
+def _stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype a merged component's weights are stored in (esd-lora stores a whole model in one dtype)."""
+    from safetensors import safe_open
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    file = next(folder.glob("*.safetensors"))
+    with safe_open(str(file), framework="pt") as f:
+        return dtypes.get(f.get_slice(next(iter(f.keys()))).get_dtype(), torch.float32)
 
 
 def verify(merged: str | Path, base: str, adapters: list[str | Path], weights: list[float] | None = None,
            allow_pickle: bool = False) -> dict:
-    """Recompute the merge and compare it with the shipped weights: the largest |difference| per tensor."""
+    """Recompute the merge and compare it with the shipped weights: the largest |difference| per tensor.
+
+    The recomputed weights are first rounded to the dtype the shipped ones are stored in, so an honest
+    fp16 or bf16 merge differs by exactly zero, as an fp32 one does."""
     shipped = load_pipeline(str(merged), allow_pickle=allow_pickle)
     pipe = load_pipeline(base, allow_pickle=allow_pickle)
     apply_adapters(pipe, adapters, weights)
-    diffs = {}
+    diffs, stored = {}, {}
     for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
         ours, theirs = getattr(pipe, component, None), getattr(shipped, component, None)
         if ours is None:
             continue
+        stored[component] = dtype = _stored_dtype(Path(merged) / component)
         a, b = ours.state_dict(), theirs.state_dict()
         if a.keys() != b.keys():
             extra = sorted(set(a) ^ set(b))[:3]
             raise AdapterError(f"{merged}: {component} tensors differ from the recomputed merge ({', '.join(extra)})")
         for key in a:
-            diffs[f"{component}.{key}"] = (a[key].float() - b[key].float()).abs().max().item()
+            diffs[f"{component}.{key}"] = (a[key].to(dtype).float() - b[key].float()).abs().max().item()
     worst = max(diffs, key=diffs.get)
     return {"merged": str(merged), "base": base, "adapters": [str(a) for a in adapters],
+            "stored_dtypes": {c: str(d).removeprefix("torch.") for c, d in stored.items()},
             "max_abs_diff": diffs[worst], "worst_tensor": worst, "tensors": diffs}

@@ -6,9 +6,12 @@ one-line errors that say what could not be reached.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+
+from .errors import ModelLoadError
 
 TOY = "toy"
 
@@ -17,10 +20,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message is one line for the user."""
 
 
 def resolve(model: str) -> str:
@@ -66,10 +65,13 @@ def load_pipeline(model: str = TOY, dtype: str | torch.dtype = "fp32", revision:
         raise ModelLoadError(f"cannot load model {model!r}: no such folder")
     if local and not (Path(source) / "model_index.json").exists():
         raise ModelLoadError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
-    kwargs = {"dtype": torch_dtype, "revision": revision, "use_safetensors": not allow_pickle}
-    if not local:
-        kwargs["safety_checker"] = None
     try:
+        if not local:  # load from the local snapshot, so the stored weights can be hashed (provenance)
+            source = DiffusionPipeline.download(source, revision=revision, use_safetensors=not allow_pickle,
+                                                safety_checker=None)
+        kwargs = {"dtype": torch_dtype, "use_safetensors": not allow_pickle}
+        if "safety_checker" in json.loads((Path(source) / "model_index.json").read_text()):
+            kwargs["safety_checker"] = None
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -16,9 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe is wrong; the message is one line naming the key."""
+from .errors import RecipeError
 
 
 @dataclass
@@ -93,7 +91,8 @@ class TrainSection:
 
 @dataclass
 class OutputSection:
-    """Where the adapter goes (default adapters/<recipe name>/) and how often to checkpoint (0: never)."""
+    """Where the adapter goes (default runs/<recipe name>/, never the shipped adapters/) and how often to
+    checkpoint (0: never)."""
 
     dir: str | None = None
     checkpoint_every: int = 50
@@ -110,7 +109,7 @@ class Recipe:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.output.dir) if self.output.dir else Path("adapters") / self.name
+        return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -229,6 +228,9 @@ def _check(recipe: Recipe) -> None:
         ("train.refresh_every", t.refresh_every >= 1, "must be >= 1"),
         ("output.checkpoint_every", o.checkpoint_every >= 0, "must be >= 0"),
     ]
+    if {recipe.model.dtype, t.mixed_precision} == {"fp16", "bf16"}:
+        rules.append(("train.mixed_precision", False, f"{t.mixed_precision} autocast over model.dtype "
+                      f"{recipe.model.dtype} weights mixes two half-precision types; use the same one for both"))
     for key, ok, message in rules:
         if not ok:
             raise RecipeError(f"{key}: {message}")

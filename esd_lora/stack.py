@@ -15,30 +15,26 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 
-from .adapter import load_adapters, unet_hash
-from .merge import apply_adapters, check_adapters, model_card, provenance, save_merged
+from .adapter import load_adapters
+from .io import check_output
+from .merge import Folded, apply_adapters, check_adapters, model_card, provenance, save_merged
 from .models import Conditioner, load_pipeline
+from .provenance import BaseIdentity, base_identity
 from .recipe import Recipe, RecipeError
 
 STRATEGIES = ("sum", "fuse", "sequential", "joint")
 TEXT_KEYED = (".attn2.to_k", ".attn2.to_v")
 
 
-def _adapter_prompts(header: dict[str, str]) -> list[str]:
-    """The prompts an adapter's trained predictions were conditioned on."""
-    return json.loads(header.get("esd_lora.concepts", "[]"))
-
-
-def _recipe_preserve(header: dict[str, str]) -> list[str]:
+def _recipe_preserve(adapter: Folded) -> list[str]:
     """The preserve prompts of the recipe saved beside the adapter."""
     import yaml
 
-    recipe = Path(header["file"]).parent / "recipe.yaml"
+    recipe = adapter.file.parent / "recipe.yaml"
     if not recipe.is_file():
         return []
     return list((yaml.safe_load(recipe.read_text()) or {}).get("concept", {}).get("preserve") or [])
@@ -50,15 +46,15 @@ def _names_erased(prompt: str, erased: list[str]) -> bool:
 
 
 def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), preserve_weight: float = 1.0,
-                  ridge: float = 1e-4, base_hash: str | None = None) -> list[dict[str, str]]:
+                  ridge: float = 1e-4, base: BaseIdentity | None = None) -> list[Folded]:
     """Write into the UNet, for every attn2 to_k/to_v layer, W = W0 + (sum_i dW_i C_i)(sum_i C_i + lambda C_p
     + mu I)^-1, with C = E^T E over the token embeddings E of adapter i's prompts (C_p: preserved prompts, the
     empty prompt included). That W minimises sum_i |E_i (W - W0 - dW_i)^T|^2 + lambda |E_p (W - W0)^T|^2 +
     mu |W - W0|^2. Other layers get the plain sum of the deltas."""
-    base_hash = base_hash or unet_hash(pipe.unet)
-    headers = check_adapters(pipe, adapters, base_hash)
-    erased = [p for h in headers for p in json.loads(h.get("esd_lora.concepts", "[]"))]
-    preserve = list(dict.fromkeys([*preserve, *(p for h in headers for p in _recipe_preserve(h)), ""]))
+    base = base or base_identity(pipe)
+    folded = check_adapters(adapters, base)
+    erased = [p for f in folded for p in f.record.concepts]
+    preserve = list(dict.fromkeys([*preserve, *(p for f in folded for p in _recipe_preserve(f)), ""]))
     preserve = [p for p in preserve if not _names_erased(p, erased)]
     cond = Conditioner(pipe, pipe.unet.device, torch.float32)
 
@@ -66,9 +62,9 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
         e = torch.cat([cond([p])["encoder_hidden_states"][0] for p in prompts]).double()
         return e.T @ e
 
-    grams = [gram(_adapter_prompts(h)) for h in headers]
+    grams = [gram(f.record.concepts) for f in folded]
     preserve_gram = preserve_weight * gram(preserve)
-    names = load_adapters(pipe, adapters, base_hash=base_hash)
+    names = load_adapters(pipe, adapters, base=base)
     new_weights = {}
     for name, module in pipe.unet.named_modules():
         active = [n for n in names if n in getattr(module, "lora_A", {})]
@@ -88,7 +84,7 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
         for name, weight in new_weights.items():
             layer = pipe.unet.get_submodule(name)
             layer.weight.copy_(weight.to(layer.weight.dtype))
-    return headers
+    return folded
 
 
 def joint_recipe(recipes: list[Recipe]) -> Recipe:
@@ -110,39 +106,45 @@ def joint_recipe(recipes: list[Recipe]) -> Recipe:
 
 def stack(base: str, strategy: str, out: str | Path, adapters: list[str | Path] = (),
           recipes: list[Recipe] = (), weights: list[float] | None = None, preserve: list[str] = (),
-          progress: bool = True) -> tuple[Path, list[dict[str, str]]]:
-    """Build the stacked model folder `out`; returns it and the headers of the adapters it contains.
+          progress: bool = True, overwrite: bool = False) -> tuple[Path, list[Folded]]:
+    """Build the stacked model folder `out`; returns it and the adapters it contains.
 
     sum and fuse take adapters; sequential and joint take recipes and train (their adapters and any
-    intermediate models go to `<out>-stages/`)."""
+    intermediate models go to `<out>-stages/`). An existing non-empty `out` is replaced only with
+    `overwrite`, and never when it holds an input."""
     from .train import train
 
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown stacking strategy {strategy!r} (choose {', '.join(STRATEGIES)})")
+        raise RecipeError(f"--strategy: unknown stacking strategy {strategy!r} (choose {', '.join(STRATEGIES)})")
     if strategy in ("sum", "fuse") and not adapters:
-        raise ValueError(f"stack {strategy}: give the adapters to stack")
+        raise RecipeError(f"stack {strategy}: give the adapters to stack")
     if strategy in ("sequential", "joint") and not recipes:
-        raise ValueError(f"stack {strategy}: give the recipes to train")
+        raise RecipeError(f"stack {strategy}: give the recipes to train")
     out = Path(out)
     stages = out.with_name(out.name + "-stages")
+    check_output(out, [*adapters, base], overwrite, "--out")
+    if strategy in ("sequential", "joint"):
+        check_output(stages, [*adapters, base], overwrite, "--out (its -stages folder)")
     pipe = load_pipeline(base)
-    base_hash = unet_hash(pipe.unet)
+    identity = base_identity(pipe)
     if strategy in ("sum", "fuse"):
         weights = list(weights or [1.0] * len(adapters))
-        headers = (apply_adapters(pipe, adapters, weights, base_hash) if strategy == "sum"
-                   else fuse_adapters(pipe, adapters, preserve, base_hash=base_hash))
+        folded = (apply_adapters(pipe, adapters, weights, identity) if strategy == "sum"
+                  else fuse_adapters(pipe, adapters, preserve, base=identity))
     else:
         todo = [joint_recipe(list(recipes))] if strategy == "joint" else [copy.deepcopy(r) for r in recipes]
-        current, headers = base, []
+        current, folded = base, []
         for i, recipe in enumerate(todo):
             recipe.model.id, recipe.output.dir = str(current), str(stages / f"{i}-{recipe.name}")
-            train(recipe, progress=progress)
-            headers += apply_adapters(pipe, [recipe.output.dir])
+            train(recipe, progress=progress, overwrite=overwrite)
+            if i > 0:  # the model this erasure was trained on, as stored, so that its identity matches
+                pipe = load_pipeline(str(current))
+            folded += apply_adapters(pipe, [recipe.output.dir])
             if i < len(todo) - 1:
                 current = stages / f"{i}-model"
-                save_merged(pipe, current, provenance(base, base_hash, headers, [1.0] * len(headers), strategy),
-                            model_card(base, headers, [1.0] * len(headers), strategy))
-        weights = [1.0] * len(headers)
-    save_merged(pipe, out, provenance(base, base_hash, headers, weights, strategy),
-                model_card(base, headers, weights, strategy))
-    return out, headers
+                save_merged(pipe, current, provenance(base, identity, folded, [1.0] * len(folded), strategy),
+                            model_card(base, folded, [1.0] * len(folded), strategy))
+        weights = [1.0] * len(folded)
+    save_merged(pipe, out, provenance(base, identity, folded, weights, strategy),
+                model_card(base, folded, weights, strategy))
+    return out, folded

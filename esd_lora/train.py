@@ -28,12 +28,11 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules,
-                      unet_hash)
+from .adapter import ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
-from .models import Conditioner, load_pipeline, version
+from .models import Conditioner, load_pipeline
 from .objective import adapters_off, esd_loss, esd_target, frozen_predictions, predictions
+from .provenance import AdapterProvenance, BaseIdentity, base_identity
 from .recipe import Recipe, RecipeError, TrainSection, dump_recipe
 from .sampler import loss_timestep, sample_trajectory
 
@@ -69,19 +68,6 @@ def learning_rate(cfg: TrainSection, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that decide what an adapter is, for provenance and benchmark reports."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"esd-lora": __version__}
-    for pkg in ("torch", "diffusers", "peft", "transformers", "accelerate", "bitsandbytes", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "absent"
-    return out
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -98,8 +84,10 @@ def _trainable_state(unet) -> dict[str, torch.Tensor]:
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, Any], bool] | None = None) -> dict:
+          on_step: Callable[[int, Any], bool] | None = None, overwrite: bool = False) -> dict:
     """Run the recipe; returns a summary (output folder, time, peak memory, final loss).
+
+    A finished adapter already in the output folder is replaced only with `overwrite`.
 
     on_step(step, pipe) is called after every step with the pipeline whose UNet is being trained
     (adapter on), e.g. to measure the erasure as it forms; if it returns True, training stops there and
@@ -111,18 +99,26 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     checkpoint = _latest_checkpoint(out)
     if checkpoint and not resume:
         raise RecipeError(f"output.dir: {out} holds checkpoints of an earlier run; pass --resume or pick another dir")
+    finished = [out / name for name in (WEIGHTS_NAME, CLASSIC_WEIGHTS_NAME) if (out / name).exists()]
+    if finished and not (resume and checkpoint) and not overwrite:
+        raise RecipeError(f"output.dir: {out} already holds an adapter; pass --overwrite to replace it or set "
+                          "output.dir")
     if recipe.adapter.kind == "none" and recipe.model.dtype != "fp32" and cfg.mixed_precision == "no":
         raise RecipeError("model.dtype: classic mode (adapter: none) trains the weights themselves; "
                           "load them in fp32 or set train.mixed_precision")
 
+    started = time.time()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     device = accelerator.device
+    if cfg.mixed_precision == "fp16" and device.type == "cpu":
+        print(f"warning: train.mixed_precision fp16 needs a GPU; on the CPU accelerate computes in the weights' "
+              f"own dtype (model.dtype {recipe.model.dtype})", file=sys.stderr)
     pipe = load_pipeline(recipe.model.id, recipe.model.dtype, recipe.model.revision, device=device)
     unet = pipe.unet
     for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if part is not None:
             part.requires_grad_(False)
-    base_hash = unet_hash(unet)
+    base = base_identity(pipe)
     modules = select_modules(unet, recipe.adapter.targets)
 
     if recipe.adapter.kind == "lora":
@@ -255,7 +251,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     summary = {"output": str(out), "steps": recipe.train.steps, "seconds": round(time.time() - t0, 2),
                "peak_memory_mb": round(_peak_memory_mb(device), 1), "final_loss": loss_value}
     if accelerator.is_main_process:
-        _save_result(recipe, accelerator.unwrap_model(student), modules, base_hash, version(pipe), out)
+        _save_result(recipe, accelerator.unwrap_model(student), modules, base, started, out)
         atomic_write_json(out / "summary.json", summary)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return summary
@@ -276,23 +272,14 @@ def _save_checkpoint(out: Path, step: int, unet, optimizer, trajectory: torch.Te
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_result(recipe: Recipe, unet, modules: list[str], base_hash: str, base_family: str,
-                 out: Path) -> None:
+def _save_result(recipe: Recipe, unet, modules: list[str], base: BaseIdentity, started: float, out: Path) -> None:
     """The adapter (or classic weights) with provenance in the safetensors header, and the resolved recipe."""
-    metadata = {
-        "esd_lora.concepts": json.dumps(recipe.concept.prompts),
-        "esd_lora.erase_from": json.dumps(recipe.concept.erase_from),
-        "esd_lora.eta": str(recipe.concept.eta),
-        "esd_lora.targets": json.dumps(modules),
-        "esd_lora.target_spec": json.dumps(recipe.adapter.targets),
-        "esd_lora.steps": str(recipe.train.steps),
-        "esd_lora.base_model": recipe.model.id,
-        "esd_lora.base_revision": recipe.model.revision or "",
-        "esd_lora.base_unet_sha256": base_hash,
-        "esd_lora.base_family": base_family,
-        "esd_lora.versions": json.dumps(package_versions()),
-        "esd_lora.recipe_name": recipe.name,
-    }
+    c = recipe.concept
+    metadata = AdapterProvenance.for_base(
+        base, concepts=c.prompts, erase_from=c.erase_from, eta=c.eta, targets=modules,
+        target_spec=recipe.adapter.targets, steps=recipe.train.steps, recipe_name=recipe.name,
+        base_model=recipe.model.id, base_revision=recipe.model.revision or "", training_started_at=started,
+    ).to_metadata()
     if recipe.adapter.kind == "lora":
         save_lora(unet, out / WEIGHTS_NAME, metadata)
         config = unet.peft_config[ADAPTER_NAME].to_dict()

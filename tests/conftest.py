@@ -53,10 +53,11 @@ def build_tiny_pipeline(family: str, out: Path) -> Path:
     else:
         unet = UNet2DConditionModel(**common, cross_attention_dim=32, attention_head_dim=(2, 4),
                                     use_linear_projection=True, addition_embed_type="text_time",
-                                    addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 16,
+                                    addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 20,
                                     transformer_layers_per_block=(1, 1))
+        # two widths, as SDXL's 768 and 1280: diffusers' single-file loader tells the encoders apart by width
         pipe = StableDiffusionXLPipeline(
-            vae=_vae(), text_encoder=_text(16, False, len(tokenizer)), text_encoder_2=_text(16, True, len(tokenizer)),
+            vae=_vae(), text_encoder=_text(12, False, len(tokenizer)), text_encoder_2=_text(20, True, len(tokenizer)),
             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**scheduler))
     folder = out / family
     pipe.save_pretrained(folder)
@@ -81,17 +82,15 @@ def make_adapter(model: Path, out: Path, prompts: list[str], targets: str = "esd
     header a trained one has: merging and exporting only need a delta, not a good erasure."""
     import json
 
-    from esd_lora.adapter import ADAPTER_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules, unet_hash
-    from esd_lora.models import load_pipeline, version
+    from esd_lora.adapter import ADAPTER_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules
+    from esd_lora.models import load_pipeline
+    from esd_lora.provenance import AdapterProvenance, base_identity
 
     pipe = load_pipeline(str(model))
     unet = pipe.unet
-    metadata = {"esd_lora.base_unet_sha256": unet_hash(unet), "esd_lora.base_family": version(pipe),
-                "esd_lora.base_model": str(model), "esd_lora.prediction_type": pipe.scheduler.config.prediction_type,
-                "esd_lora.resolution": str(unet.config.sample_size * pipe.vae_scale_factor),
-                "esd_lora.training_started_at": "1764140000.5",
-                "esd_lora.concepts": json.dumps(prompts), "esd_lora.recipe_name": out.name,
-                "esd_lora.eta": "1.0", "esd_lora.target_spec": json.dumps(targets), "esd_lora.steps": "0"}
+    metadata = AdapterProvenance.for_base(base_identity(pipe), concepts=prompts, recipe_name=out.name,
+                                          target_spec=targets, base_model=str(model),
+                                          training_started_at=1764140000.5).to_metadata()
     unet.add_adapter(lora_config(4, alpha, 0.0, "default", select_modules(unet, targets)), adapter_name=ADAPTER_NAME)
     torch.manual_seed(seed)
     with torch.no_grad():

@@ -6,6 +6,7 @@ from safetensors import safe_open
 
 from esd_lora.adapter import WEIGHTS_NAME, load_adapters, read_metadata
 from esd_lora.cli import main
+from esd_lora.errors import EsdLoraError
 from esd_lora.export import (SDXL_TEXT_2_PREFIX, SDXL_TEXT_PREFIX, ExportError, clip_to_ldm, export_adapter,
                              open_clip_to_ldm, save_single_file, unet_to_ldm)
 from esd_lora.models import load_pipeline
@@ -94,7 +95,7 @@ def test_kohya_header_of_an_older_adapter_leaves_out_what_it_cannot_know(adapter
                                           ("training_started_at", "yesterday")])
 def test_kohya_export_refuses_a_header_field_it_cannot_read(field, value, tiny_adapters, tmp_path):
     damaged = _with_header(tiny_adapters["red"], tmp_path / "damaged", **{field: value})
-    with pytest.raises(ExportError, match=f"esd_lora.{field} is '{value}'"):
+    with pytest.raises(EsdLoraError, match=f"esd_lora.{field} is"):
         export_adapter(damaged, tmp_path / "x.safetensors", "kohya")
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -112,10 +113,6 @@ def test_sdxl_single_file_reloads_offline_with_every_weight_equal(tiny_models, t
     from diffusers import StableDiffusionXLPipeline
 
     pipe = load_pipeline(str(tiny_models["sdxl"]))
-    # diffusers tells SDXL's two text encoders apart by width alone (768 and 1280 in SDXL); the fixture's
-    # are both 16 wide, so they get widths 12 and 20 here (the UNet's 32-wide context is their concatenation)
-    vocab = pipe.text_encoder.config.vocab_size
-    pipe.text_encoder, pipe.text_encoder_2 = _clip(12, 2, 2, vocab=vocab, positions=32), _clip(20, 2, 2, 16, vocab, 32)
     torch.manual_seed(0)
     with torch.no_grad():  # no weight left at its initial value, so a weight the file lacks cannot pass unseen
         for name in SDXL_COMPONENTS:

@@ -91,7 +91,8 @@ def test_bad_adapters_give_one_error_and_write_nothing(which, words, tiny_models
     adapter = {"missing": tmp_path / "nothing", "other_family": tiny_adapters["sd2"]}.get(which)
     if which == "other_base":
         adapter = make_adapter(tiny_models["sdxl"], tmp_path / "xl", ["x"])  # an sdxl adapter without a family field is caught by its base hash
-        from esd_lora.adapter import WEIGHTS_NAME, read_metadata
+        from esd_lora.adapter import WEIGHTS_NAME
+        from esd_lora.provenance import read_metadata
         from safetensors.torch import load_file, save_file
 
         file = adapter / WEIGHTS_NAME
@@ -113,3 +114,40 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tmp_path):
         load_pipeline(str(ckpt))
     with pytest.raises(AdapterError, match="only .safetensors"):
         merge("toy", [ckpt], tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_verify_accepts_an_honest_half_precision_merge_at_the_default_tolerance(dtype, tiny_models, tiny_adapters,
+                                                                                  tmp_path):
+    out = merge(str(tiny_models["sd1"]), [tiny_adapters["red"]], tmp_path / "merged", dtype=dtype)
+    result = verify(out, str(tiny_models["sd1"]), [tiny_adapters["red"]])
+    assert result["max_abs_diff"] == 0.0 and set(result["stored_dtypes"].values()) == {
+        {"fp16": "float16", "bf16": "bfloat16"}[dtype]}
+    assert main(["verify", str(out), "--base", str(tiny_models["sd1"]), "--adapters", str(tiny_adapters["red"])]) == 0
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_merge_replaces_only_what_it_is_asked_to_and_never_an_input(tiny_models, tiny_adapters, tmp_path, capsys):
+    import shutil
+
+    base = str(tiny_models["sd1"])
+    adapter = tmp_path / "copyred"
+    shutil.copytree(tiny_adapters["red"], adapter)
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    for argv in (["--out", str(kept)], ["--out", str(adapter)], ["--out", str(adapter), "--overwrite"],
+                 ["--out", str(tmp_path / "m"), "--single-file", str(kept / "notes.txt")],
+                 ["--out", str(kept / "notes.txt" / "deeper")]):
+        assert main(["merge", str(adapter), "--base", base, *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("esd-lora: error: --"), err
+    assert _snapshot(tmp_path) == before and not (tmp_path / "m").exists()
+    assert main(["merge", str(adapter), "--base", base, "--out", str(kept), "--overwrite"]) == 0
+    assert (kept / "model_index.json").is_file() and not (kept / "notes.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or .old left

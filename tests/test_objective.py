@@ -46,7 +46,8 @@ def test_teacher_is_the_base_bit_for_bit(tiny_model):
     t = torch.tensor([10, 700])
     kwargs = {"encoder_hidden_states": torch.randn(2, 5, unet.config.cross_attention_dim)}
     if unet.config.addition_embed_type == "text_time":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 16), "time_ids": torch.ones(2, 6)}
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(2, pipe.text_encoder_2.config.projection_dim),
+                                     "time_ids": torch.ones(2, 6)}
     with torch.no_grad():
         base = unet(x, t, **kwargs).sample
         unet.add_adapter(lora_config(2, 2.0, 0.0, "default", select_modules(unet, "esd-all")),

@@ -13,7 +13,7 @@ def test_defaults_numbers_as_strings_and_overrides(tmp_path):
     assert recipe.train.lr == 1e-4 and isinstance(recipe.train.lr, float)
     assert recipe.train.mixed_precision == "no" and recipe.train.steps == 7
     assert recipe.adapter.targets == ["attn2.to_k"] and str(recipe.output_dir) == "somewhere"
-    assert load_recipe(path).output_dir.as_posix() == "adapters/red"
+    assert load_recipe(path).output_dir.as_posix() == "runs/red"  # never the shipped adapters/
     again = from_dict(__import__("yaml").safe_load(dump_recipe(recipe)))
     assert again == recipe
 
@@ -40,6 +40,8 @@ def test_adapter_none_is_classic_mode():
     ({**BASE, "model": {"dtype": "int8"}}, [], "model.dtype"),
     ({**BASE, "train": {"gradient_checkpointing": "maybe"}}, [], "train.gradient_checkpointing"),
     ({**BASE, "train": {"refresh_every": 0}}, [], "train.refresh_every"),
+    ({**BASE, "model": {"dtype": "fp16"}, "train": {"mixed_precision": "bf16"}}, [], "train.mixed_precision"),
+    ({**BASE, "model": {"dtype": "bf16"}, "train": {"mixed_precision": "fp16"}}, [], "train.mixed_precision"),
     (BASE, ["train.steps"], "train.steps"),
     (BASE, ["train.steps=-3"], "train.steps"),
     (BASE, ["a.b.c=1"], "a.b.c"),

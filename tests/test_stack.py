@@ -1,5 +1,3 @@
-import json
-
 import pytest
 import torch
 
@@ -36,9 +34,9 @@ def test_fuse_solves_its_least_squares_problem(tiny_models, tiny_adapters):
 
 
 def test_sum_stack_writes_a_model_with_every_adapter_in_its_header(tiny_models, tiny_adapters, tmp_path):
-    out, headers = stack(str(tiny_models["sd1"]), "sum", tmp_path / "s",
-                         adapters=[tiny_adapters["red"], tiny_adapters["star"]])
-    assert [json.loads(h["esd_lora.concepts"]) for h in headers] == [["a red shape"], ["a star"]]
+    out, folded = stack(str(tiny_models["sd1"]), "sum", tmp_path / "s",
+                        adapters=[tiny_adapters["red"], tiny_adapters["star"]])
+    assert [f.record.concepts for f in folded] == [["a red shape"], ["a star"]]
     assert "strategy `sum`" in (out / "README.md").read_text()
 
 
@@ -50,8 +48,8 @@ def _recipe(model, prompt, out):
 @pytest.mark.parametrize("strategy", ["sequential", "joint"])
 def test_training_strategies_build_a_loadable_model(strategy, tiny_models, tmp_path):
     recipes = [_recipe(tiny_models["sd1"], p, tmp_path / "unused") for p in ("a red shape", "a blue shape")]
-    out, headers = stack(str(tiny_models["sd1"]), strategy, tmp_path / "m", recipes=recipes, progress=False)
-    assert len(headers) == (2 if strategy == "sequential" else 1)
+    out, folded = stack(str(tiny_models["sd1"]), strategy, tmp_path / "m", recipes=recipes, progress=False)
+    assert len(folded) == (2 if strategy == "sequential" else 1)
     pipe = load_pipeline(str(out))
     assert not any("lora" in k for k in pipe.unet.state_dict())
     assert (tmp_path / "m-stages").is_dir()

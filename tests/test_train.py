@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 from esd_lora import train as train_module
-from esd_lora.adapter import WEIGHTS_NAME, load_adapters, read_metadata, unet_hash
+from esd_lora.adapter import WEIGHTS_NAME, load_adapters
 from esd_lora.models import load_pipeline
+from esd_lora.provenance import read_metadata, unet_sha256
 from esd_lora.recipe import RecipeError, from_dict
 from esd_lora.train import learning_rate, make_optimizer, train
 
@@ -33,7 +34,7 @@ def test_trains_every_family_and_writes_a_loadable_adapter_with_provenance(tiny_
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] >= 0 for r in log)
     meta = read_metadata(out / WEIGHTS_NAME)
     pipe = load_pipeline(str(path))
-    assert meta["esd_lora.base_unet_sha256"] == unet_hash(pipe.unet)
+    assert meta["esd_lora.base_unet_sha256"] == unet_sha256(pipe)
     assert json.loads(meta["esd_lora.concepts"]) == ["a red shape", "a crimson shape"]
     assert meta["esd_lora.eta"] == "1.0" and meta["esd_lora.steps"] == "3" and meta["esd_lora.base_model"] == str(path)
     assert "diffusers" in json.loads(meta["esd_lora.versions"])
@@ -173,3 +174,13 @@ def test_learning_rate_warms_up_then_decays_to_zero_or_stays():
     assert lrs[:3] == [0.5, 1.0, 1.0] and all(a > b for a, b in zip(lrs[2:], lrs[3:])) and 0 < lrs[-1] < 0.05
     cosine.lr_schedule = "constant"
     assert [learning_rate(cosine, s) for s in range(10)] == [0.5] + [1.0] * 9
+
+
+def test_a_finished_adapter_is_replaced_only_when_asked(tiny_models, tmp_path):
+    train(recipe_for(tiny_models["sd1"], tmp_path / "a", steps=1), progress=False)
+    before = (tmp_path / "a" / WEIGHTS_NAME).read_bytes()
+    with pytest.raises(RecipeError, match="already holds an adapter; pass --overwrite"):
+        train(recipe_for(tiny_models["sd1"], tmp_path / "a", steps=1, seed=1), progress=False)
+    assert (tmp_path / "a" / WEIGHTS_NAME).read_bytes() == before
+    train(recipe_for(tiny_models["sd1"], tmp_path / "a", steps=1, seed=1), progress=False, overwrite=True)
+    assert (tmp_path / "a" / WEIGHTS_NAME).read_bytes() != before

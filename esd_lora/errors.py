@@ -1,0 +1,35 @@
+"""The errors esd-lora reports to its user as one line.
+
+Each stage raises its own subclass of `EsdLoraError`; the CLI prints those as one line naming the key,
+file or flag, and treats any other exception as a bug (traceback included).
+"""
+
+from __future__ import annotations
+
+
+class EsdLoraError(Exception):
+    """Base of every error whose message is a complete one-line explanation for the user."""
+
+
+class RecipeError(EsdLoraError, ValueError):
+    """A recipe or an override is wrong; the message names the key."""
+
+
+class ModelLoadError(EsdLoraError, RuntimeError):
+    """A model could not be loaded; the message says what could not be reached."""
+
+
+class TargetError(EsdLoraError, ValueError):
+    """A target preset, regex or list selected no layer, or named a layer that does not exist."""
+
+
+class AdapterError(EsdLoraError, ValueError):
+    """An adapter is missing, unreadable or was trained for another base model."""
+
+
+class OutputError(EsdLoraError, ValueError):
+    """An output path would overwrite the user's files or cannot be written."""
+
+
+class ExportError(EsdLoraError, ValueError):
+    """A model or adapter cannot be written in the requested layout."""
