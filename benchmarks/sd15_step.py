@@ -9,7 +9,8 @@ UNet as teacher, Adam. `bf16` keeps the frozen weights in bf16 and runs under ac
 trainable weights stay fp32 in both.
 
 A step is x_t production (k guided DDIM steps, each one UNet pass over the concept/empty pair) plus the
-training part (one frozen pass over two conditions, one trained forward and backward, the optimizer).
+training part (one frozen pass over two conditions, one trained forward and backward, the optimizer),
+timed with the trainer's own parts: `train.setup_model`, `latents.GuidedRuns` and `objective.EsdStep`.
 Both parts are timed (second of two repetitions). With the paper's sampling a step makes on average
 24.5 passes (k drawn from a 50-step schedule); with the fast default (one 25-step trajectory every 12
 steps) it makes 24 / 12 = 2. The x_t share is the passes' time over the step time.
@@ -18,14 +19,13 @@ Results go to benchmarks/SD15_RESULTS.md and build/sd15_step/results.json.
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
+import random
 import resource
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -39,53 +39,44 @@ FAST_PASSES = (_DEFAULTS.ddim_steps - 1) / _DEFAULTS.refresh_every  # guided pas
 
 
 def one(mode: str, precision: str) -> dict:
-    """Build, then time one step twice; returns the second timing and the process's peak memory."""
+    """Build, then time one step twice with the trainer's own parts (model setup, latent sampling and
+    ESD step); returns the second timing and the process's peak memory."""
     from accelerate import Accelerator
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
-    from esd_lora.adapter import lora_config, select_modules
-    from esd_lora.objective import adapters_off, esd_loss, esd_target, frozen_predictions
-    from esd_lora.sampler import sample_trajectory, unet_eps
-    from esd_lora.train import make_optimizer
+    from esd_lora.latents import GuidedRuns, LatentBatch
+    from esd_lora.objective import EsdStep
+    from esd_lora.recipe import from_dict
+    from esd_lora.train import make_optimizer, setup_model
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    recipe = from_dict({"concept": {"prompts": ["concept"]}, "adapter": {"kind": "lora" if mode == "esd-lora" else "none",
+                                                                        "targets": "esd-x"},
+                        "train": {"optimizer": "adamw8bit" if mode == "esd-lora" else "adam", "lr": 1e-5}})
     unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768).to(dtype)  # SD 1.5's block layout
-    unet.requires_grad_(False)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
-    modules = select_modules(unet, "esd-x")
-    if mode == "esd-lora":
-        unet.add_adapter(lora_config(4, 4, 0.0, "default", modules))
-        teacher = lambda: adapters_off(unet)  # noqa: E731
-    else:
-        frozen = copy.deepcopy(unet)
-        teacher = lambda: nullcontext(frozen)  # noqa: E731
-        for name in modules:
-            unet.get_submodule(name).requires_grad_(True)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
+    model = setup_model(recipe, unet)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=True)
-    optimizer = make_optimizer("adamw8bit" if mode == "esd-lora" else "adam", params, 1e-5)
-    student, optimizer = accelerator.prepare(unet, optimizer)
+    student, optimizer = accelerator.prepare(unet, make_optimizer(recipe.train.optimizer, model.params, 1e-5))
     gen = torch.Generator().manual_seed(0)
-    cond = {"encoder_hidden_states": torch.randn(1, 77, 768, generator=gen).to(dtype)}
-    empty = {"encoder_hidden_states": torch.randn(1, 77, 768, generator=gen).to(dtype)}
+    embeddings = {p: torch.randn(1, 77, 768, generator=gen).to(dtype) for p in ("concept", "")}
+
+    def conditioner(prompts: list[str]) -> dict:  # random text embeddings stand in for CLIP's
+        return {"encoder_hidden_states": torch.cat([embeddings[p] for p in prompts])}
+
+    runs = GuidedRuns(conditioner, scheduler, ["concept"], [], 1, 50, 3.0, (4, 32, 32), dtype, torch.device("cpu"))
+    esd = EsdStep(recipe.concept, conditioner, scheduler, 1)
     timings = []
     for _ in range(2):
         t0 = time.perf_counter()
         with accelerator.autocast():
-            x_t = sample_trajectory(unet, scheduler, cond, empty, 1, 50, 3.0, gen, (1, 4, 32, 32), dtype,
-                                    "cpu")[-1]
+            x_t = runs.run(unet, [0], 1, gen)[-1]  # one guided DDIM pass over the concept/empty pair
         pass_seconds = time.perf_counter() - t0
-        t = torch.tensor([500])
         t0 = time.perf_counter()
-        with teacher() as teacher_unet, accelerator.autocast():
-            preds = frozen_predictions(teacher_unet, scheduler, [x_t, x_t], t, [cond, empty])
-        target = esd_target(preds[0], preds[1], 1.0)
-        with accelerator.autocast():
-            loss = esd_loss(unet_eps(student, scheduler, x_t, t, cond), target)
+        loss = esd.loss(student, model.teacher, LatentBatch(x_t, [25], [0]), torch.tensor([500]), random.Random(0),
+                        accelerator.autocast)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -93,7 +84,7 @@ def one(mode: str, precision: str) -> dict:
     pass_seconds, train_seconds = timings[-1]
     step = MEAN_K * pass_seconds + train_seconds
     fast = FAST_PASSES * pass_seconds + train_seconds
-    return {"mode": mode, "precision": precision, "trainable_params": sum(p.numel() for p in params),
+    return {"mode": mode, "precision": precision, "trainable_params": sum(p.numel() for p in model.params),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "pass_seconds": round(pass_seconds, 3), "train_seconds": round(train_seconds, 3),
             "step_seconds": round(step, 2), "xt_share": round(MEAN_K * pass_seconds / step, 3),

@@ -22,12 +22,12 @@ CONCEPTS = ["red", "blue", "star", "striped"]
 
 
 def main() -> None:
-    from esd_lora.evaluate import Scorer, default_prompts, detection_rates
+    from esd_lora.evaluate import detection_rates
     from esd_lora.io import atomic_write_json, atomic_write_text
     from esd_lora.models import load_pipeline
     from esd_lora.recipe import load_recipe
     from esd_lora.stack import stack
-    from esd_lora.toy.classifier import load_classifier
+    from esd_lora.toy.scoring import ToyScorer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, help="images per prompt")
@@ -37,8 +37,8 @@ def main() -> None:
     out = Path(args.out)
     adapters = [ROOT / "adapters" / c for c in CONCEPTS]
     recipes = [load_recipe(ROOT / "recipes" / "toy" / f"{c}.yaml") for c in CONCEPTS]
-    prompts = default_prompts(CONCEPTS)
-    scorer = Scorer(load_classifier())
+    scorer = ToyScorer()
+    prompts = scorer.default_prompts(CONCEPTS)
     saved = out / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
     if results.get("n") != args.n or results.get("prompts") != prompts:  # else: add strategies to that run

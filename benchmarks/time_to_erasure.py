@@ -60,17 +60,17 @@ def run(method: str, concept: str, n: int, max_steps: int, max_seconds: float | 
     """Train one method on one concept, measuring as it goes; returns its trajectory and final figures.
 
     With max_seconds, training also stops (after one last measurement) once its training time passes it."""
-    from esd_lora.evaluate import Scorer, default_prompts, detection_rates, summarize
+    from esd_lora.evaluate import detection_rates, rates_with_roles, summarize
     from esd_lora.models import load_pipeline
     from esd_lora.recipe import load_recipe
-    from esd_lora.toy.classifier import load_classifier
+    from esd_lora.toy.scoring import ToyScorer
     from esd_lora.train import train
 
     overrides = [f"output.dir={WORK / concept / method}", "output.checkpoint_every=0", *METHODS[method]]
     recipe = load_recipe(ROOT / "recipes" / "toy" / f"{concept}.yaml", overrides)
     recipe.train.steps = max_steps
-    prompts = default_prompts([concept])
-    scorer = Scorer(load_classifier())
+    scorer = ToyScorer()
+    prompts = scorer.default_prompts([concept])
     base, _ = detection_rates(load_pipeline("toy"), prompts, n, 0, scorer, progress=False)
     checks = set(check_steps(max_steps))
     trajectory, eval_seconds, start = [], [0.0], time.time()
@@ -83,7 +83,7 @@ def run(method: str, concept: str, n: int, max_steps: int, max_seconds: float | 
             return False
         rates, _ = detection_rates(pipe, prompts, n, 0, scorer, progress=False)
         eval_seconds[0] += time.time() - t0
-        s = summarize(base, rates, [concept])
+        s = summarize(rates_with_roles(base, rates, [concept], scorer))
         trajectory.append({"step": step, "train_seconds": round(train_seconds, 1),
                            "efficacy": s["efficacy_max_detection"], "specificity": s["specificity_min_ratio"]})
         print(json.dumps(trajectory[-1]), file=sys.stderr, flush=True)

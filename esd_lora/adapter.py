@@ -97,9 +97,22 @@ def adapter_file(path: str | Path) -> Path:
 
 
 def adapter_provenance(path: str | Path) -> AdapterProvenance:
-    """The provenance record in an adapter's header (a folder or a file)."""
+    """The provenance record in an adapter's header (a folder or a file), after checking that it has one and
+    that every tensor the header lists can be read, so a foreign or damaged file fails here, before any
+    heavy work."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     file = adapter_file(path)
-    return AdapterProvenance.from_metadata(read_metadata(file), file)
+    record = AdapterProvenance.from_metadata(read_metadata(file), file)
+    if not record.base_unet_sha256:
+        raise AdapterError(f"adapter {path}: its header has no esd-lora provenance, so its base model is unknown")
+    try:
+        load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AdapterError(f"adapter {file}: its tensors cannot be read ({reason})") from None
+    return record
 
 
 def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = None,

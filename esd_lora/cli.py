@@ -1,9 +1,16 @@
-"""The `esd-lora` command: a thin layer over the Python API."""
+"""The `esd-lora` command: a thin layer over the Python API.
+
+A user error (`errors.EsdLoraError`, or a flag argparse refuses) is one line on stderr and exit code 2;
+`--debug` or `ESD_LORA_DEBUG=1` adds its traceback. Anything else is a bug: it is reported as one, with
+its traceback, and exit code 1.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -21,22 +28,22 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     from .adapter import adapter_file, load_adapters
+    from .io import check_output
     from .models import load_pipeline
     from .sample import generate, save_png, to_pil_grid
 
-    if args.n < 1:
-        raise ValueError("--n must be >= 1")
-    for path in args.adapter:
-        adapter_file(path)  # a missing adapter fails before any image is made
+    files = [adapter_file(path) for path in args.adapter]  # a missing adapter fails before any image is made
+    check_output(args.out, files, True, "--out", folder=False)
     pipe = load_pipeline(args.model)
-    seeds = list(range(args.seed, args.seed + args.n))
-    images = generate(pipe, [args.prompt] * args.n, seeds, args.steps, args.guidance)
-    rows = [images]
     if args.adapter:
-        load_adapters(pipe, args.adapter)
+        load_adapters(pipe, args.adapter)  # checked against this base before any image is made
+        pipe.unet.disable_adapters()
+    seeds = list(range(args.seed, args.seed + args.n))
+    rows = [generate(pipe, [args.prompt] * args.n, seeds, args.steps, args.guidance)]
+    if args.adapter:
+        pipe.unet.enable_adapters()
         rows.append(generate(pipe, [args.prompt] * args.n, seeds, args.steps, args.guidance))
-    grid = to_pil_grid(torch.cat(rows), cols=args.n, scale=args.scale)
-    save_png(grid, args.out)
+    save_png(to_pil_grid(torch.cat(rows), cols=args.n, scale=args.scale), args.out)
     if args.out_dir:
         for r, row in enumerate(rows):
             tag = "base" if r == 0 else "erased"
@@ -47,17 +54,39 @@ def _cmd_sample(args: argparse.Namespace) -> None:
           f"{type(pipe.scheduler).__name__}, guidance {args.guidance})")
 
 
+def _scorer(model: str, clip: str | None, erased: list[str], kept: list[str]):
+    """CLIP over the erased and kept concepts, or the model's own scorer (the toy classifier for `toy`)."""
+    from .evaluate import ClipScorer, model_scorer
+
+    return ClipScorer(clip, list(dict.fromkeys([*erased, *kept]))) if clip else model_scorer(model)
+
+
+def _read_prompts(path: str, flag: str) -> list[str]:
+    """The non-empty lines of a prompt file."""
+    from .errors import EsdLoraError
+
+    try:
+        prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise EsdLoraError(f"{flag} {path}: cannot read it as text ({type(err).__name__})") from None
+    if not prompts:
+        raise EsdLoraError(f"{flag} {path}: no prompts in the file")
+    return prompts
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
-    prompts = None
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"--prompts {args.prompts}: no prompts in the file")
-    report, grid = evaluate(args.model, args.adapter, args.concepts, prompts, args.n, args.seed, args.steps,
-                            args.guidance, erased_model=args.erased_model, clip=args.clip, kept=args.kept,
-                            erased_from=args.erased_from)
+    from .adapter import adapter_provenance
+    from .io import check_output
+
+    check_output(args.out, args.adapter, True, "--out")
+    for path in args.adapter:
+        adapter_provenance(path)  # a missing or unreadable adapter fails before anything loads
+    prompts = _read_prompts(args.prompts, "--prompts") if args.prompts else None
+    scorer = _scorer(args.model, args.clip, args.concepts, args.kept)
+    report, grid = evaluate(args.model, args.adapter, args.concepts, scorer, prompts, args.n, args.seed, args.steps,
+                            args.guidance, erased_model=args.erased_model, erased_from=args.erased_from)
     _write_report(report, grid, Path(args.out))
 
 
@@ -81,26 +110,35 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 
 
 def _cmd_stack(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate, named_concepts
+    from .errors import EsdLoraError
+    from .evaluate import evaluate
     from .recipe import load_recipe
     from .stack import stack
 
+    if args.report and args.clip and not args.concepts:
+        raise EsdLoraError("--report with --clip: name the erased concepts (--concepts) and the kept ones (--kept)")
+    scorer = _scorer(args.base, args.clip, args.concepts or [], args.kept) if args.report else None
     training = args.strategy in ("sequential", "joint")
     recipes = [load_recipe(r) for r in args.inputs] if training else []
-    preserve = Path(args.preserve).read_text().splitlines() if args.preserve else []
+    preserve = _read_prompts(args.preserve, "--preserve") if args.preserve else []
     out, folded = stack(args.base, args.strategy, args.out, [] if training else args.inputs, recipes,
-                        args.weights, [p.strip() for p in preserve if p.strip()], overwrite=args.overwrite)
+                        args.weights, preserve, overwrite=args.overwrite)
     print(f"wrote {out}")
-    if args.report:
+    if scorer is not None:
         concepts = args.concepts or list(dict.fromkeys(
-            c for f in folded for p in f.record.concepts for c in named_concepts(p)))
-        report, grid = evaluate(args.base, [], concepts, n=args.n, erased_model=str(out))
+            c for f in folded for p in f.record.concepts for c in scorer.concepts(p)))
+        report, grid = evaluate(args.base, [], concepts, scorer, n=args.n, erased_model=str(out))
         _write_report(report, grid, out.with_name(out.name + "-report"))
 
 
 def _cmd_verify(args: argparse.Namespace) -> None:
+    from .errors import EsdLoraError
     from .merge import verify
 
+    if args.json:
+        from .io import check_output
+
+        check_output(args.json, [args.merged, *args.adapters], True, "--json", folder=False)
     result = verify(args.merged, args.base, args.adapters, args.weights, args.allow_pickle)
     worst = sorted(result["tensors"].items(), key=lambda kv: -kv[1])[: args.top]
     print(f"{len(result['tensors'])} tensors compared; largest |difference| {result['max_abs_diff']:.3g} "
@@ -111,15 +149,15 @@ def _cmd_verify(args: argparse.Namespace) -> None:
         from .io import atomic_write_json
 
         atomic_write_json(args.json, result)
-    if result["max_abs_diff"] > args.tolerance:
-        raise ValueError(f"{args.merged} differs from the recomputed merge by {result['max_abs_diff']:.3g} "
-                         f"(> {args.tolerance})")
+    if not result["max_abs_diff"] <= args.tolerance:
+        raise EsdLoraError(f"{args.merged} differs from the recomputed merge by {result['max_abs_diff']:.3g} "
+                           f"(> {args.tolerance})")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from .export import export_adapter
 
-    print(f"wrote {export_adapter(args.adapter, args.out, args.format)}")
+    print(f"wrote {export_adapter(args.adapter, args.out, args.format, args.overwrite)}")
 
 
 def _cmd_toy_build(args: argparse.Namespace) -> None:
@@ -146,12 +184,41 @@ def _cmd_toy_figure(args: argparse.Namespace) -> None:
     print(f"wrote {save_figure(args.out, args.model)}")
 
 
-def parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other error of the command."""
+
+    def error(self, message: str):
+        print(f"esd-lora: error: {self.prog.removeprefix('esd-lora ')}: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None):
+    """An argparse type: a finite int or float within [low, high]."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}" if low is not None else "finite"
+            raise argparse.ArgumentTypeError(f"{text} must be {bounds}")
+        return value
+    return parse
+
+
+def _sampling_flags(p: argparse.ArgumentParser, n: int) -> None:
     from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-    p = argparse.ArgumentParser(prog="esd-lora", description="Erase concepts from diffusion models with LoRA.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--n", type=number(int, 1, 100_000), default=n, help=f"images per prompt (default {n})")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed of the first image; image i "
+                   "uses seed+i")
+    p.add_argument("--steps", type=number(int, 1, 1000), default=DEFAULT_STEPS,
+                   help=f"sampling steps of the model's own scheduler (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance", type=number(float, 0, 100), default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance (default {DEFAULT_GUIDANCE})")
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="erase the concept of a YAML recipe; writes an adapter folder")
     t.add_argument("recipe", help="recipe YAML, e.g. recipes/toy/red.yaml")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.steps=100")
@@ -160,121 +227,153 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an adapter already in the output folder")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="generate a grid of images with fixed seeds")
     s.add_argument("prompt")
     s.add_argument("--model", default="toy", help="`toy`, a diffusers folder or a hub id (default: toy)")
     s.add_argument("--adapter", action="append", default=[],
                    help="LoRA adapter folder or file (repeatable); adds a row with the adapters on, same seeds")
-    s.add_argument("--n", type=int, default=8, help="images per row (default 8)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i")
-    s.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps of the model's own scheduler (default {DEFAULT_STEPS})")
-    s.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help=f"classifier-free guidance (default {DEFAULT_GUIDANCE})")
+    _sampling_flags(s, 8)
     s.add_argument("--out", default="grid.png", help="grid PNG to write (default grid.png)")
     s.add_argument("--out-dir", help="also write every image as its own PNG here")
-    s.add_argument("--scale", type=int, default=4, help="upscale factor of the grid (default 4)")
+    s.add_argument("--scale", type=number(int, 1, 32), default=4, help="upscale factor of the grid (default 4)")
     s.set_defaults(func=_cmd_sample)
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="detection rates of concepts, base against erased, same seeds")
     e.add_argument("model", help="`toy` or a diffusers folder")
     e.add_argument("--adapter", action="append", default=[], help="adapter folder or file (repeatable)")
     e.add_argument("--concepts", nargs="+", required=True, help="the erased concepts")
     e.add_argument("--prompts", help="a file of prompts, one per line (default: built from the concepts)")
-    e.add_argument("--n", type=int, default=64, help="images per prompt (default 64)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    e.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    _sampling_flags(e, 64)
     e.add_argument("--erased-from", nargs="+", default=[],
                    help="the concepts count as erased only in prompts naming one of these subjects (erase_from)")
-    e.add_argument("--clip", help="score with this CLIP model (folder or hub id) instead of the toy classifier")
+    e.add_argument("--clip", help="score with this CLIP model (folder or hub id) instead of the model's own scorer")
     e.add_argument("--kept", nargs="+", default=[], help="with --clip: concepts that must survive (the alternatives)")
     e.add_argument("--erased-model", help="measure this (merged) model against MODEL instead of MODEL + adapters")
     e.add_argument("--out", required=True, help="folder for report.json, report.md and grid.png")
     e.set_defaults(func=_cmd_eval)
 
+
+def _add_merge(sub) -> None:
     m = sub.add_parser("merge", help="fold adapters into the base weights; write a diffusers pipeline folder")
     m.add_argument("adapters", nargs="+", help="adapter folders or files")
     m.add_argument("--base", default="toy", help="`toy`, a diffusers folder or a hub id (default: toy)")
     m.add_argument("--out", required=True, help="pipeline folder to write")
-    m.add_argument("--weights", type=float, nargs="+", help="one weight per adapter (default 1)")
-    m.add_argument("--single-file", help="also write the original SD layout to this .safetensors")
+    m.add_argument("--weights", type=number(), nargs="+", help="one weight per adapter (default 1)")
+    m.add_argument("--single-file", help="also write the original SD layout (SD 1.x/2.x/XL) to this .safetensors")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="stored dtype (default fp32)")
     m.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle (.ckpt/.bin) base")
     m.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out / --single-file")
     m.set_defaults(func=_cmd_merge)
 
+
+def _add_stack(sub) -> None:
     st = sub.add_parser("stack", help="several erasures in one model: sum, fuse, sequential or joint")
     st.add_argument("inputs", nargs="+", help="adapters (sum, fuse) or recipes (sequential, joint)")
     st.add_argument("--strategy", default="sum", choices=["sum", "fuse", "sequential", "joint"])
     st.add_argument("--base", default="toy")
     st.add_argument("--out", required=True, help="pipeline folder to write")
-    st.add_argument("--weights", type=float, nargs="+", help="sum: one weight per adapter (default 1)")
+    st.add_argument("--weights", type=number(), nargs="+", help="sum: one weight per adapter (default 1)")
     st.add_argument("--preserve", help="fuse: a file of prompts whose outputs must not change, one per line")
     st.add_argument("--report", action="store_true",
                     help="measure every erased and kept concept, base against stacked (<out>-report/)")
     st.add_argument("--concepts", nargs="+", help="erased concepts for the report (default: from the adapters)")
-    st.add_argument("--n", type=int, default=64, help="report: images per prompt (default 64)")
+    st.add_argument("--clip", help="report: score with this CLIP model (then name --concepts and --kept)")
+    st.add_argument("--kept", nargs="+", default=[], help="report with --clip: the concepts that must survive")
+    st.add_argument("--n", type=number(int, 1, 100_000), default=64, help="report: images per prompt (default 64)")
     st.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     st.set_defaults(func=_cmd_stack)
 
+
+def _add_verify_export(sub) -> None:
     v = sub.add_parser("verify", help="recompute a merge and report the largest difference per tensor")
     v.add_argument("merged", help="the merged pipeline folder")
     v.add_argument("--base", default="toy")
     v.add_argument("--adapters", nargs="+", default=[], help="the adapters it should contain")
-    v.add_argument("--weights", type=float, nargs="+")
-    v.add_argument("--tolerance", type=float, default=1e-5, help="fail above this |difference| (default 1e-5)")
-    v.add_argument("--top", type=int, default=5, help="show this many largest differences")
+    v.add_argument("--weights", type=number(), nargs="+")
+    v.add_argument("--tolerance", type=number(float, 0), default=1e-5,
+                   help="fail above this |difference|, at the merged model's stored dtype (default 1e-5)")
+    v.add_argument("--top", type=number(int, 0), default=5, help="show this many largest differences")
     v.add_argument("--json", help="also write every tensor's difference as JSON here")
     v.add_argument("--allow-pickle", action="store_true")
     v.set_defaults(func=_cmd_verify)
-
     x = sub.add_parser("export", help="write an adapter as a kohya (A1111, ComfyUI) or diffusers LoRA file")
     x.add_argument("adapter", help="adapter folder or file")
     x.add_argument("--format", default="kohya", choices=["kohya", "diffusers"])
     x.add_argument("--out", required=True, help=".safetensors file to write")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     x.set_defaults(func=_cmd_export)
 
+
+def _add_toy(sub) -> None:
     toy = sub.add_parser("toy", help="the toy world: build it, measure it").add_subparsers(dest="toy", required=True)
     b = toy.add_parser("build", help="train the toy classifier, autoencoder and pipeline (about 90 min, 2 cores)")
     b.add_argument("--work", default="build/toy", help="work folder; finished stages are reused")
     b.add_argument("--install", action="store_true", help="copy the result into the package as the `toy` model")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--unet-steps", type=int, default=4000)
-    b.add_argument("--unet-extra-steps", type=int, default=4000,
+    b.add_argument("--seed", type=number(int, 0), default=0)
+    b.add_argument("--unet-steps", type=number(int, 1), default=4000)
+    b.add_argument("--unet-extra-steps", type=number(int, 0), default=4000,
                    help="further training from the --unet-steps pipeline, on a fresh lr cycle (0: none)")
     b.set_defaults(func=_cmd_toy_build)
     q = toy.add_parser("quality", help="measure a toy pipeline's concept detection table")
     q.add_argument("--model", default="toy")
-    q.add_argument("--n", type=int, default=32, help="images per prompt")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    q.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    _sampling_flags(q, 32)
     q.add_argument("--out", help="also write the table as JSON here")
     q.set_defaults(func=_cmd_toy_quality)
     f = toy.add_parser("figure", help="renders beside the model's samples for the same captions (the README figure)")
     f.add_argument("--model", default="toy")
     f.add_argument("--out", default="docs/toy_world.png")
     f.set_defaults(func=_cmd_toy_figure)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="esd-lora", description="Erase concepts from diffusion models with LoRA.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (or ESD_LORA_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_sample, _add_eval, _add_merge, _add_stack, _add_verify_export, _add_toy):
+        add(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import EsdLoraError
+    import traceback
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from .errors import EsdLoraError
+
     p = parser()
-    args, extra = p.parse_known_args(argv)
-    if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides += extra  # overrides may follow flags: `train r.yaml --quiet train.steps=10`
-    elif extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        args, extra = p.parse_known_args(argv)
+        if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra  # overrides may follow flags: `train r.yaml --quiet train.steps=10`
+        elif extra:
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:  # --help, or a flag argparse refused (one line already printed)
+        return int(done.code or 0)
+    debug = args.debug or os.environ.get("ESD_LORA_DEBUG") == "1"
     diffusers_logging.disable_progress_bar()  # loading bars would bury a one-line error; work bars stay
     transformers_logging.disable_progress_bar()
+    if not debug:  # libraries' advice on loading would bury a one-line error too
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
     try:
         args.func(args)
-    except (EsdLoraError, ValueError, FileNotFoundError) as err:
+    except EsdLoraError as err:
+        if debug:
+            traceback.print_exc()
         print(f"esd-lora: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("esd-lora: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # not a user error: a bug, reported with everything needed to fix it
+        traceback.print_exc()
+        print("esd-lora: internal error (a bug in esd-lora, not in your input): please report it with the "
+              "traceback above", file=sys.stderr)
+        return 1
     return 0

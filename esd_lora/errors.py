@@ -33,3 +33,11 @@ class OutputError(EsdLoraError, ValueError):
 
 class ExportError(EsdLoraError, ValueError):
     """A model or adapter cannot be written in the requested layout."""
+
+
+class ConceptError(EsdLoraError, ValueError):
+    """A concept name that the scorer or the toy vocabulary does not know."""
+
+
+class TrainingError(EsdLoraError, RuntimeError):
+    """Training cannot go on (e.g. the loss stopped being finite); the last checkpoint is kept."""

@@ -1,52 +1,45 @@
 """Measure an erasure: how often each named concept still appears, base against erased, same seeds.
 
-On the toy model the toy classifier reads the images, and a prompt is scored on every toy concept it
-names (by name or synonym). On real models CLIP does, zero-shot: each image goes to the best-matching
-label among the erased and kept concepts, and a prompt is scored on every label it contains.
+A scorer reads the concepts back from the images. It says which concepts a prompt names
+(`concepts`), which prompts measure an erasure by default (`default_prompts`) and how often each named
+concept appears in a prompt's images (calling it). CLIP (`ClipScorer`, zero-shot: each image goes to the
+best-matching label among the erased and kept concepts) scores any model; a named model can bring its
+own scorer (the toy world's classifier, see `models.named_models`).
 Efficacy is the detection rate of the erased concepts; specificity is each kept concept's rate as a
 fraction of the base model's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from .errors import EsdLoraError
 from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
-from .toy.vocab import KINDS, WORD_TO_CONCEPT, kind_of
 
 
-def named_concepts(prompt: str) -> list[str]:
-    """Toy concepts a prompt names, by name or synonym."""
-    found = []
-    for word in prompt.lower().replace(",", " ").split():
-        if word in WORD_TO_CONCEPT and WORD_TO_CONCEPT[word] not in found:
-            found.append(WORD_TO_CONCEPT[word])
-    return found
+class Scorer(Protocol):
+    """Reads concepts back from images."""
+
+    name: str
+
+    def concepts(self, prompt: str) -> list[str]: ...
+
+    def default_prompts(self, erased: list[str]) -> list[str]: ...
+
+    def __call__(self, images, prompt: str) -> dict[str, float]: ...
 
 
-def default_prompts(erased: list[str]) -> list[str]:
-    """Each erased concept by name and by every synonym, then every other concept of the same kinds."""
-    from .toy.quality import concept_prompt
+def model_scorer(model: str) -> Scorer:
+    """The scorer a named model brings (the toy classifier for `toy`); other models are scored with CLIP."""
+    from .models import named_models
 
-    prompts = []
-    for concept in erased:
-        prompts += [concept_prompt(w, concept) for w in (concept, *KINDS[kind_of(concept)][concept])]
-    for kind in dict.fromkeys(kind_of(c) for c in erased):
-        prompts += [concept_prompt(c, c) for c in KINDS[kind] if c not in erased]
-    return prompts
-
-
-@dataclass
-class Scorer:
-    """Toy-classifier detection rates of the concepts each prompt names."""
-
-    classifier: object
-
-    def __call__(self, images, prompt: str) -> dict[str, float]:
-        predicted = self.classifier.predict(images)
-        return {c: float(np.mean([p == c for p in predicted[kind_of(c)]])) for c in named_concepts(prompt)}
+    named = named_models().get(model)
+    if named is None or named.scorer is None:
+        raise EsdLoraError(f"{model}: this model has no scorer of its own; score it with CLIP (--clip MODEL "
+                           "--kept CONCEPT …)")
+    return named.scorer()
 
 
 class ClipScorer:
@@ -55,11 +48,11 @@ class ClipScorer:
     def __init__(self, model: str, labels: list[str]) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from .models import ModelLoadError
+        from .errors import ModelLoadError
 
         if len(labels) < 2:
-            raise ValueError("CLIP scoring needs alternatives: name the kept concepts too (--kept)")
-        self.labels = labels
+            raise EsdLoraError("--kept: CLIP scoring needs alternatives; name the kept concepts too")
+        self.labels, self.name = labels, f"clip:{model}"
         try:
             self.model = CLIPModel.from_pretrained(model).eval()
             self.processor = CLIPProcessor.from_pretrained(model)
@@ -79,10 +72,17 @@ class ClipScorer:
 
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
+    def concepts(self, prompt: str) -> list[str]:
+        return [label for label in self.labels if label.lower() in prompt.lower()]
+
+    def default_prompts(self, erased: list[str]) -> list[str]:
+        """The labels themselves: the erased concepts, then the kept ones."""
+        return list(self.labels)
+
     def __call__(self, images, prompt: str) -> dict[str, float]:
         import torch
 
-        named = [label for label in self.labels if label.lower() in prompt.lower()]
+        named = self.concepts(prompt)
         with torch.no_grad():
             pixels = self.processor(images=list((images.clamp(-1, 1) + 1) / 2), return_tensors="pt",
                                     do_rescale=False).pixel_values
@@ -101,23 +101,21 @@ def detection_rates(pipe, prompts: list[str], n: int, seed: int, scorer, steps: 
     return {p: scorer(images[i * n:(i + 1) * n], p) for i, p in enumerate(prompts)}, images
 
 
-def is_erased(concept: str, prompt: str, erased: list[str], erased_from: list[str] = ()) -> bool:
+def is_erased(concept: str, prompt: str, erased: list[str], named: list[str], erased_from: list[str] = ()) -> bool:
     """Whether the concept should be gone from this prompt's images: it is erased and, for an erasure
-    from given subjects only (`erase_from`), the prompt names one of them."""
+    from given subjects only (`erase_from`), the prompt names one of them (`named`: the concepts the scorer
+    reads in the prompt)."""
     if concept not in erased:
         return False
-    return not erased_from or any(s in named_concepts(prompt) or s.lower() in prompt.lower() for s in erased_from)
+    return not erased_from or any(s in named or s.lower() in prompt.lower() for s in erased_from)
 
 
-def summarize(before: dict, after: dict, erased: list[str], erased_from: list[str] = ()) -> dict:
-    """Efficacy (worst erased-concept rate after) and specificity (worst kept-concept ratio to base)."""
-    erased_rates, kept_ratios = [], []
-    for prompt, rates in after.items():
-        for concept, rate in rates.items():
-            if is_erased(concept, prompt, erased, erased_from):
-                erased_rates.append(rate)
-            elif before[prompt][concept] > 0:
-                kept_ratios.append(rate / before[prompt][concept])
+def summarize(prompts: dict) -> dict:
+    """Efficacy (worst erased-concept rate after) and specificity (worst kept-concept ratio to base), from a
+    report's per-prompt rates and roles."""
+    rows = [r for rates in prompts.values() for r in rates.values()]
+    erased_rates = [r["erased"] for r in rows if r["role"] == "erased"]
+    kept_ratios = [r["erased"] / r["base"] for r in rows if r["role"] == "kept" and r["base"] > 0]
     return {
         "efficacy_max_detection": max(erased_rates) if erased_rates else None,
         "efficacy_mean_detection": float(np.mean(erased_rates)) if erased_rates else None,
@@ -126,33 +124,30 @@ def summarize(before: dict, after: dict, erased: list[str], erased_from: list[st
     }
 
 
-def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[str] | None = None, n: int = 64,
-             seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-             progress: bool = True, erased_model: str | None = None, clip: str | None = None,
-             kept: list[str] = (), erased_from: list[str] = ()) -> tuple[dict, "object"]:
-    """Detection rates of `model` against `erased_model` (default: the same model) with the adapters loaded,
-    and the summary; returns (report, grid image). A merged model is measured with `erased_model`.
+def rates_with_roles(before: dict, after: dict, erased: list[str], scorer: Scorer,
+                     erased_from: list[str] = ()) -> dict:
+    """Per prompt and concept: base rate, erased rate and role (`erased` or `kept`)."""
+    return {p: {c: {"base": before[p][c], "erased": after[p][c],
+                    "role": "erased" if is_erased(c, p, erased, scorer.concepts(p), erased_from) else "kept"}
+                for c in before[p]} for p in before}
 
-    With `clip` (a CLIP folder or hub id) CLIP scores the images against the labels erased + kept, and
-    the default prompts are the labels themselves; without it the toy classifier does. With `erased_from`
-    (subject concepts), the erased concepts count as erased only in prompts naming a subject."""
+
+def evaluate(model: str, adapters: list[str], erased: list[str], scorer: Scorer, prompts: list[str] | None = None,
+             n: int = 64, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+             progress: bool = True, erased_model: str | None = None,
+             erased_from: list[str] = ()) -> tuple[dict, "object"]:
+    """Detection rates of `model` against `erased_model` (default: the same model) with the adapters loaded,
+    and the summary; returns (report, grid image). A merged model is measured with `erased_model`. With
+    `erased_from` (subject concepts), the erased concepts count as erased only in prompts naming a subject."""
     import torch
 
-    from .adapter import adapter_file, load_adapters
+    from .adapter import adapter_provenance, load_adapters
     from .models import load_pipeline
     from .sample import to_pil_grid
-    from .toy.classifier import load_classifier
 
     for path in adapters:
-        adapter_file(path)  # a missing adapter fails before any image is made
-    if clip:
-        scorer = ClipScorer(clip, list(dict.fromkeys([*erased, *kept])))
-        prompts = prompts or scorer.labels
-    else:
-        for concept in erased:
-            kind_of(concept)  # unknown concepts fail here, before any image is made
-        scorer = Scorer(load_classifier())
-        prompts = prompts or default_prompts(erased)
+        adapter_provenance(path)  # a missing or unreadable adapter fails before any image is made
+    prompts = prompts or scorer.default_prompts(erased)
     pipe = load_pipeline(model)
     before, base_images = detection_rates(pipe, prompts, n, seed, scorer, steps, guidance, progress)
     if erased_model:
@@ -164,13 +159,14 @@ def evaluate(model: str, adapters: list[str], erased: list[str], prompts: list[s
     for i in range(len(prompts)):
         rows += [base_images[i * n:i * n + shown], erased_images[i * n:i * n + shown]]
     grid = to_pil_grid(torch.cat(rows), cols=2 * shown, scale=3)
+    rates = rates_with_roles(before, after, erased, scorer, erased_from)
     report = {
         "model": model, "erased_model": erased_model or model, "adapters": [str(a) for a in adapters],
         "erased": erased, "erased_from": list(erased_from),
-        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__,
-                     "scorer": f"clip:{clip}" if clip else "toy-classifier"},
-        "prompts": {p: {c: {"base": before[p][c], "erased": after[p][c]} for c in before[p]} for p in prompts},
-        "summary": summarize(before, after, erased, erased_from),
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance,
+                     "scheduler": type(pipe.scheduler).__name__, "scorer": scorer.name},
+        "prompts": rates,
+        "summary": summarize(rates),
     }
     return report, grid
 
@@ -182,13 +178,12 @@ def format_report(report: dict) -> str:
              + (", ".join(f"`{a}`" for a in report["adapters"]) or "none")
              + f". Erased: {', '.join(report['erased'])}"
              + (f" (from {', '.join(report['erased_from'])} only)." if report["erased_from"] else "."),
-             f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} steps of {s['scheduler']}, "
-             f"guidance {s['guidance']}, scored by {s['scorer']}.", "",
+             f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} steps of "
+             f"{s['scheduler']}, guidance {s['guidance']}, scored by {s['scorer']}.", "",
              "| prompt | concept | base | erased | |", "|---|---|---|---|---|"]
     for prompt, rates in report["prompts"].items():
         for concept, r in rates.items():
-            role = "erased" if is_erased(concept, prompt, report["erased"], report["erased_from"]) else "kept"
-            lines.append(f"| {prompt} | {concept} | {r['base']:.0%} | {r['erased']:.0%} | {role} |")
+            lines.append(f"| {prompt} | {concept} | {r['base']:.0%} | {r['erased']:.0%} | {r['role']} |")
     sm = report["summary"]
     lines += [""]
     if sm["efficacy_max_detection"] is not None:

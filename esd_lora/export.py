@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LORA_METADATA_KEY, adapter_file
+from .adapter import LORA_METADATA_KEY, adapter_file, adapter_provenance
 from .errors import AdapterError, ExportError
-from .io import atomic_save_safetensors
+from .io import atomic_save_safetensors, check_output
 from .provenance import PREFIX, AdapterProvenance, read_metadata
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -199,7 +199,10 @@ def _lora_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     if LORA_METADATA_KEY not in meta:
         raise AdapterError(f"adapter {path}: no LoRA config in its header (classic ESD weights cannot be exported "
                            "as a LoRA)")
-    config = {k.removeprefix("unet."): v for k, v in json.loads(meta[LORA_METADATA_KEY]).items()}
+    try:
+        config = {k.removeprefix("unet."): v for k, v in json.loads(meta[LORA_METADATA_KEY]).items()}
+    except (json.JSONDecodeError, AttributeError):
+        raise AdapterError(f"adapter {path}: its LoRA config ({LORA_METADATA_KEY}) is not a JSON object") from None
     return load_file(str(file)), meta, config
 
 
@@ -247,12 +250,14 @@ def base_model_header(record: AdapterProvenance, title: str) -> dict[str, str]:
     return header
 
 
-def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya") -> Path:
-    """Write an adapter as a diffusers or kohya LoRA file; every `esd_lora.*` header field is kept."""
+def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya", overwrite: bool = False) -> Path:
+    """Write an adapter as a diffusers or kohya LoRA file; every `esd_lora.*` header field is kept. An
+    existing `out` is replaced only with `overwrite`, and never when it is the adapter itself."""
     from diffusers.utils import convert_state_dict_to_kohya
 
+    check_output(out, [adapter_file(path)], overwrite, "--out", folder=False)
+    record = adapter_provenance(path)
     tensors, meta, config = _lora_tensors(path)
-    record = AdapterProvenance.from_metadata(meta, path)
     provenance = {k: v for k, v in meta.items() if k.startswith(PREFIX)}
     out = Path(out)
     if out.suffix != ".safetensors":

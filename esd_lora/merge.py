@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,8 @@ import torch
 
 from . import __version__
 from .adapter import CLASSIC_WEIGHTS_NAME, AdapterError, adapter_file, adapter_provenance, load_adapters
-from .io import atomic_dir, atomic_save_safetensors, check_output
+from .errors import ExportError
+from .io import atomic_dir, atomic_path, atomic_save_safetensors, check_output
 from .models import load_pipeline
 from .provenance import AdapterProvenance, BaseIdentity, MergedProvenance, base_identity, check_adapter
 
@@ -58,8 +61,8 @@ def apply_adapters(pipe, adapters: list[str | Path], weights: list[float] | None
     from safetensors.torch import load_file
 
     weights = weights or [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise AdapterError(f"--weights: {len(weights)} weights for {len(adapters)} adapters")
+    if len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
+        raise AdapterError(f"--weights: give one finite weight per adapter ({len(adapters)}), not {weights}")
     base = base or base_identity(pipe)
     folded = check_adapters(adapters, base)
     lora = [(f.file, w) for f, w in zip(folded, weights) if f.file.name != CLASSIC_WEIGHTS_NAME]
@@ -85,33 +88,48 @@ def provenance(base: str, identity: BaseIdentity, folded: list[Folded], weights:
                             base_unet_sha256=identity.unet_sha256).to_metadata()
 
 
+def _check_finite(pipe) -> None:
+    """Refuse to write weights that are NaN or infinite (an adapter trained into NaN, an overflowing dtype)."""
+    for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = getattr(pipe, component, None)
+        for name, tensor in (module.state_dict().items() if module is not None else ()):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise AdapterError(f"the merged weights are not finite ({component}.{name}); check the adapters, "
+                                   "their --weights and --dtype")
+
+
 def save_merged(pipe, out: str | Path, header: dict[str, str], card: str, single_file: str | Path | None = None,
                 dtype: torch.dtype = torch.float32) -> Path:
-    """Write the pipeline folder (every weight file stamped with `header`) and the model card; optionally
-    the single-file export too. The folder appears whole or not at all."""
-    from safetensors.torch import load_file
+    """Write the pipeline folder (every weight file stamped with `header`) and the model card, and optionally
+    the single-file export. Both are written whole under temporary names first and then renamed one right
+    after the other, so a run killed at any moment leaves the old outputs or the new ones (the two renames
+    aside)."""
+    from safetensors.torch import load_file, save_file
 
-    from .export import save_single_file
+    from .export import pipeline_to_ldm
 
     out = Path(out)
     if pipe.unet.dtype != dtype:
         pipe.to(dtype)
-    with atomic_dir(out) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        for file in tmp.rglob("*.safetensors"):
-            atomic_save_safetensors(load_file(str(file)), file, metadata={"format": "pt", **header})
-        (tmp / "README.md").write_text(card)
-        if single_file:
-            save_single_file(pipe, single_file, header)
+    _check_finite(pipe)
+    with ExitStack() as outputs:
+        single_tmp = outputs.enter_context(atomic_path(single_file)) if single_file else None
+        with atomic_dir(out) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            for file in tmp.rglob("*.safetensors"):
+                atomic_save_safetensors(load_file(str(file)), file, metadata={"format": "pt", **header})
+            (tmp / "README.md").write_text(card)
+            if single_tmp is not None:
+                save_file(pipeline_to_ldm(pipe), str(single_tmp), metadata={"format": "pt", **header})
     return out
 
 
 def base_licence(base: str) -> str:
-    """The base model's licence as its own model card states it, `apache-2.0` for the toy, else `other`."""
-    from .models import TOY, resolve
+    """The base model's licence: a named model's own, else as the model's card states it, else `other`."""
+    from .models import named_models, resolve
 
-    if base == TOY:
-        return "apache-2.0"
+    if base in named_models():
+        return named_models()[base].licence
     card = Path(resolve(base)) / "README.md"
     if card.is_file():
         found = re.search(r"^license:\s*(\S+)", card.read_text(errors="replace"), re.MULTILINE)
@@ -167,6 +185,8 @@ def merge(base: str, adapters: list[str | Path], out: str | Path, weights: list[
     check_output(out, [*files, base], overwrite, "--out")
     if single_file:
         check_output(single_file, [*files, base], overwrite, "--single-file", folder=False)
+        if Path(single_file).suffix != ".safetensors":
+            raise ExportError(f"--single-file {single_file}: a single-file export must end in .safetensors")
     pipe = load_pipeline(base, allow_pickle=allow_pickle)
     identity = base_identity(pipe)
     folded = apply_adapters(pipe, adapters, weights, identity)

@@ -7,13 +7,15 @@ one-line errors that say what could not be reached.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from .errors import ModelLoadError
 
-TOY = "toy"
+TOY = "toy"  # the default model: the toy world's, a plug-in (see `named_models`)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -22,15 +24,34 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def resolve(model: str) -> str:
-    """The path or hub id a model name stands for (`toy` is the shipped toy model)."""
-    if model == TOY:
-        from .toy.paths import MODEL_DIR
+@dataclass(frozen=True)
+class NamedModel:
+    """A model known by a short name, contributed by a plug-in: where its pipeline folder is, how to read
+    its concepts back from images (a `evaluate.Scorer`, or None), its licence, and how to get it if missing."""
 
-        if not (MODEL_DIR / "model_index.json").exists():
-            raise ModelLoadError(f"the toy model is missing from {MODEL_DIR}; run `esd-lora toy build --install`")
-        return str(MODEL_DIR)
-    return model
+    folder: Callable[[], Path]
+    scorer: Callable[[], Any] | None = None
+    licence: str = "other"
+    missing: str = ""
+
+
+def named_models() -> dict[str, NamedModel]:
+    """Models known by name, from the installed plug-ins (entry point group `esd_lora_models`; the toy world
+    is one)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group="esd_lora_models")}
+
+
+def resolve(model: str) -> str:
+    """The path or hub id a model name stands for (a named model's folder, else the name itself)."""
+    named = named_models().get(model)
+    if named is None:
+        return model
+    folder = named.folder()
+    if not (folder / "model_index.json").exists():
+        raise ModelLoadError(f"the {model} model is missing from {folder}; {named.missing}")
+    return str(folder)
 
 
 def family(pipe) -> str:
@@ -59,8 +80,8 @@ def load_pipeline(model: str = TOY, dtype: str | torch.dtype = "fp32", revision:
     source = resolve(model)
     local = Path(source).exists()
     if Path(source).suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise ModelLoadError(f"refusing to load pickle checkpoint {source} (it can run code); "
-                             "pass --allow-pickle if you trust it")
+        raise ModelLoadError(f"refusing to load pickle checkpoint {source} (it can run code); convert it to "
+                             "safetensors, or give `merge` / `verify` --allow-pickle if you trust it")
     if not local and source.startswith(("/", "./", "../", "~")):
         raise ModelLoadError(f"cannot load model {model!r}: no such folder")
     if local and not (Path(source) / "model_index.json").exists():

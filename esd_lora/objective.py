@@ -12,11 +12,16 @@ The target's coefficients sum to one, so it is the same combination whatever the
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import random
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
+from .latents import LatentBatch
 from .models import cat_conditions
+from .recipe import ConceptSection
 from .sampler import unet_eps
 
 
@@ -53,3 +58,44 @@ def adapters_off(unet):
         yield unet
     finally:
         unet.enable_adapters()
+
+
+@dataclass
+class EsdStep:
+    """One ESD update's loss on a batch of latents: the teacher's predictions for the concept and the
+    neutral prompt give the target, and the trained model's prediction for the concept is pulled to it.
+    Preserve prompts add a loss that keeps the trained model's predictions on them equal to the teacher's,
+    on the concept's latents or (preserve_on own) on latents sampled from the preserve prompts."""
+
+    concept: ConceptSection
+    conditioner: Callable[[list[str]], dict]  # prompts -> UNet keyword arguments (models.Conditioner)
+    scheduler: Any
+    batch: int
+
+    def conditions(self, latents: LatentBatch, rng: random.Random) -> tuple[list[torch.Tensor], list[dict]]:
+        """Latent and condition batches: the concept, its neutral prompt, then (if any) the preserve prompts."""
+        c, b = self.concept, self.batch
+        x_t, picks = latents.x[:b], latents.picks[:b]
+        neutral = [c.subject(i) for i in picks] if c.erase_from else [""] * b
+        xs = [x_t, x_t]
+        conds = [self.conditioner([c.prompts[i] for i in picks]), self.conditioner(neutral)]
+        if c.preserve:
+            own = c.preserve_on == "own"
+            kept = latents.picks[b:] if own else [rng.randrange(len(c.preserve)) for _ in range(b)]
+            xs.append(latents.x[b:] if own else x_t)
+            conds.append(self.conditioner([c.preserve[j] for j in kept]))
+        return xs, conds
+
+    def loss(self, student, teacher: Callable[[], AbstractContextManager], latents: LatentBatch, t: torch.Tensor,
+             rng: random.Random, autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
+        xs, conds = self.conditions(latents, rng)
+        with teacher() as frozen:
+            preds = frozen_predictions(frozen, self.scheduler, xs, t, conds)
+        target = esd_target(preds[0], preds[1], self.concept.eta)
+        rows = [0, 2] if self.concept.preserve else [0]  # the concept's and the preserve prompts' predictions
+        with autocast():
+            eps = predictions(student, self.scheduler, [xs[i] for i in rows], t, [conds[i] for i in rows])
+            loss = esd_loss(eps[0], target)
+            if self.concept.preserve:
+                loss = loss + self.concept.preserve_weight * esd_loss(eps[1], preds[-1])
+        return loss

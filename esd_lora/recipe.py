@@ -7,6 +7,7 @@ Any key can be overridden as `section.key=value`. Every error is one line naming
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -167,16 +168,19 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             number = float(str(value))
         except ValueError:
             raise RecipeError(f"{key}: expected an integer, got {value!r}") from None
-        if not number.is_integer():
+        if not (math.isfinite(number) and number.is_integer()):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
         return int(number)
     if kind is float:
         if isinstance(value, bool):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise RecipeError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if kind is str:
         if isinstance(value, (dict, list)) or value is None:
             raise RecipeError(f"{key}: expected a string, got {type(value).__name__}")
@@ -211,21 +215,22 @@ def _check(recipe: Recipe) -> None:
     if not c.prompts or any(not p.strip() for p in c.prompts):
         raise RecipeError("concept.prompts: give at least one non-empty prompt to erase")
     rules = [
-        ("concept.eta", c.eta > 0, "must be > 0"),
-        ("concept.preserve_weight", c.preserve_weight >= 0, "must be >= 0"),
+        ("concept.eta", 0 < c.eta <= 1000, "must be in (0, 1000]"),
+        ("concept.preserve_weight", 0 <= c.preserve_weight <= 1e6, "must be in [0, 1e6]"),
         ("concept.erase_from", len(c.erase_from) in (0, 1, len(c.prompts)),
          f"give one subject, or one per concept prompt ({len(c.prompts)})"),
-        ("adapter.rank", a.rank >= 1, "must be >= 1"),
-        ("adapter.alpha", a.alpha > 0, "must be > 0"),
+        ("adapter.rank", 1 <= a.rank <= 1024, "must be in [1, 1024]"),
+        ("adapter.alpha", 0 < a.alpha <= 1e6, "must be in (0, 1e6]"),
         ("adapter.dropout", 0 <= a.dropout < 1, "must be in [0, 1)"),
         ("adapter.targets", bool(a.targets), "must name a preset, a regex or a list of modules"),
-        ("train.steps", t.steps >= 1, "must be >= 1"),
-        ("train.lr", t.lr > 0, "must be > 0"),
-        ("train.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
-        ("train.batch", t.batch >= 1, "must be >= 1"),
+        ("train.steps", 1 <= t.steps <= 10_000_000, "must be in [1, 1e7]"),
+        ("train.lr", 0 < t.lr <= 1, "must be in (0, 1]"),
+        ("train.warmup_steps", 0 <= t.warmup_steps <= t.steps, "must be in [0, train.steps]"),
+        ("train.batch", 1 <= t.batch <= 1024, "must be in [1, 1024]"),
         ("train.ddim_steps", 1 <= t.ddim_steps <= 1000, "must be in [1, 1000]"),
-        ("train.guidance", t.guidance >= 1, "must be >= 1"),
-        ("train.refresh_every", t.refresh_every >= 1, "must be >= 1"),
+        ("train.guidance", 1 <= t.guidance <= 100, "must be in [1, 100]"),
+        ("train.refresh_every", 1 <= t.refresh_every <= 1_000_000, "must be in [1, 1e6]"),
+        ("train.seed", 0 <= t.seed < 2**31, "must be in [0, 2^31)"),
         ("output.checkpoint_every", o.checkpoint_every >= 0, "must be >= 0"),
     ]
     if {recipe.model.dtype, t.mixed_precision} == {"fp16", "bf16"}:
@@ -234,8 +239,9 @@ def _check(recipe: Recipe) -> None:
     for key, ok, message in rules:
         if not ok:
             raise RecipeError(f"{key}: {message}")
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", recipe.name):
-        raise RecipeError(f"name: {recipe.name!r} may only use letters, digits, '_', '.' and '-'")
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", recipe.name):
+        raise RecipeError(f"name: {recipe.name!r} may only use letters, digits, '_', '.' and '-', and may not "
+                          "start with '.'")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -280,17 +286,36 @@ def from_dict(data: dict[str, Any], overrides: list[str] = (), name: str | None 
     return recipe
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML with a key given twice refused, instead of the last one silently winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise RecipeError(f"{key}: given twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read and validate a YAML recipe; its name defaults to the file's stem."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeys) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(f"recipe {path}: not valid YAML{where}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {path}: not a text file (UTF-8)") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {path}: nested too deeply to be a recipe") from None
+    except RecipeError as err:
+        raise RecipeError(f"recipe {path}: {err}") from None
     return from_dict(data, overrides, name=path.stem)
 
 

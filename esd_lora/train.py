@@ -1,14 +1,16 @@
 """`esd-lora train`: ESD erasure with a LoRA adapter (or, for comparison, classic full-weight ESD).
 
-One training step, as in the paper:
-1. pick a concept prompt c (and, with erase_from, its subject s) and a DDIM index k in [0, T);
-2. x_t = k guided DDIM steps from noise, conditioned on c, by the model being trained
-   (train.sampler=frozen: by the base); t is drawn in step k's band. With train.refresh_every = N > 1
-   one full run of train.batch images is sampled every N steps, and each step takes a latent of each
-   image at its own random index k. With concept.preserve_on = own, as many images of the preserve
-   prompts are sampled alongside, for the preserve loss;
-3. the frozen model (adapter off) predicts on x_t for c and the empty prompt (or s), without gradient;
-4. the trained model's prediction is pulled towards esd_target() by MSE.
+The loop in `train()` is built from named parts:
+- model setup (`setup_model`): the adapter (or the classic weights) to train, and the frozen teacher,
+  which is the same UNet with the adapter switched off;
+- where latents come from (`latents.PartialRuns`, the paper's, or `latents.RefreshedTrajectories`, the
+  fast default): guided DDIM runs of the concept by the model being trained (train.sampler=frozen: by
+  the base), with their own state for checkpoints;
+- one ESD step (`objective.EsdStep`): teacher predictions for the concept and the neutral prompt, the
+  negatively guided target, the trained model's loss, and the preserve loss.
+The loss timestep t of each latent is drawn in the band of its DDIM index k, so training covers every
+noise level. Every step's randomness derives from train.seed and the step number, so `--resume` from a
+checkpoint reaches the same adapter as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import resource
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,11 +33,13 @@ from tqdm.auto import tqdm
 
 from .adapter import ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
+from .latents import GuidedRuns, PartialRuns, RefreshedTrajectories
 from .models import Conditioner, load_pipeline
-from .objective import adapters_off, esd_loss, esd_target, frozen_predictions, predictions
+from .objective import EsdStep, adapters_off
 from .provenance import AdapterProvenance, BaseIdentity, base_identity
+from .errors import TrainingError
 from .recipe import Recipe, RecipeError, TrainSection, dump_recipe
-from .sampler import loss_timestep, sample_trajectory
+from .sampler import loss_timestep
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -68,208 +73,225 @@ def learning_rate(cfg: TrainSection, step: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def step_random(seed: int, step: int, process: int) -> tuple[torch.Generator, random.Random]:
+    """The step's own generators (torch for noise and timesteps, Python for picks); also seeds torch's global
+    generator, which LoRA dropout draws from."""
+    seed = (seed * 1_000_003 + step) * 64 + process
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed), random.Random(seed)
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+@dataclass
+class TrainedModel:
+    """The UNet being trained, its trainable layers and parameters, and the frozen teacher."""
+
+    unet: torch.nn.Module
+    modules: list[str]
+    params: list[torch.nn.Parameter]
+    teacher: Callable[[], AbstractContextManager]  # yields the frozen model
 
 
-def _trainable_state(unet) -> dict[str, torch.Tensor]:
-    return {n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+def setup_model(recipe: Recipe, unet: torch.nn.Module) -> TrainedModel:
+    """Add the LoRA adapter to the frozen UNet (teacher: the same UNet with it off) or, in classic mode,
+    unfreeze the selected weights (teacher: a frozen copy). Trainable weights are kept in fp32."""
+    unet.requires_grad_(False)
+    modules = select_modules(unet, recipe.adapter.targets)
+    if recipe.adapter.kind == "lora":
+        a = recipe.adapter
+        torch.manual_seed(recipe.train.seed)  # LoRA A matrices are drawn from the global generator
+        unet.add_adapter(lora_config(a.rank, a.alpha, a.dropout, a.init, modules), adapter_name=ADAPTER_NAME)
+        teacher = lambda: adapters_off(unet)  # noqa: E731
+    else:
+        frozen_copy = copy.deepcopy(unet)
+        teacher = lambda: nullcontext(frozen_copy)  # noqa: E731
+        for name in modules:
+            unet.get_submodule(name).requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if recipe.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return TrainedModel(unet, modules, params, teacher)
 
 
-def train(recipe: Recipe, resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, Any], bool] | None = None, overwrite: bool = False) -> dict:
-    """Run the recipe; returns a summary (output folder, time, peak memory, final loss).
-
-    A finished adapter already in the output folder is replaced only with `overwrite`.
-
-    on_step(step, pipe) is called after every step with the pipeline whose UNet is being trained
-    (adapter on), e.g. to measure the erasure as it forms; if it returns True, training stops there and
-    the adapter and resolved recipe are saved as of that step."""
-    from accelerate import Accelerator
-
+def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[list[str]], dict],
+                  scheduler) -> PartialRuns | RefreshedTrajectories:
+    """The paper's partial runs (train.refresh_every 1) or refreshed trajectories of the concept."""
     cfg, concept = recipe.train, recipe.concept
+    own = concept.preserve if concept.preserve_on == "own" else []
+    runs = GuidedRuns(conditioner, scheduler, concept.prompts, own, cfg.batch, cfg.ddim_steps, cfg.guidance,
+                      (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), unet.dtype,
+                      unet.device)
+    return PartialRuns(runs) if cfg.refresh_every == 1 else RefreshedTrajectories(runs, cfg.refresh_every)
+
+
+def _output_folder(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
+    """The output folder and its checkpoint to resume from, after refusing what would lose a user's work."""
     out = recipe.output_dir
-    checkpoint = _latest_checkpoint(out)
+    if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
+        raise RecipeError(f"output.dir: {out} is a file, or lies under one")
+    found = sorted((out / "checkpoints").glob("step_*"))
+    checkpoint = found[-1] if found else None
     if checkpoint and not resume:
         raise RecipeError(f"output.dir: {out} holds checkpoints of an earlier run; pass --resume or pick another dir")
     finished = [out / name for name in (WEIGHTS_NAME, CLASSIC_WEIGHTS_NAME) if (out / name).exists()]
     if finished and not (resume and checkpoint) and not overwrite:
         raise RecipeError(f"output.dir: {out} already holds an adapter; pass --overwrite to replace it or set "
                           "output.dir")
-    if recipe.adapter.kind == "none" and recipe.model.dtype != "fp32" and cfg.mixed_precision == "no":
+    if recipe.adapter.kind == "none" and recipe.model.dtype != "fp32" and recipe.train.mixed_precision == "no":
         raise RecipeError("model.dtype: classic mode (adapter: none) trains the weights themselves; "
                           "load them in fp32 or set train.mixed_precision")
+    return out, checkpoint
 
-    started = time.time()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    device = accelerator.device
-    if cfg.mixed_precision == "fp16" and device.type == "cpu":
-        print(f"warning: train.mixed_precision fp16 needs a GPU; on the CPU accelerate computes in the weights' "
-              f"own dtype (model.dtype {recipe.model.dtype})", file=sys.stderr)
-    pipe = load_pipeline(recipe.model.id, recipe.model.dtype, recipe.model.revision, device=device)
-    unet = pipe.unet
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-        if part is not None:
-            part.requires_grad_(False)
-    base = base_identity(pipe)
-    modules = select_modules(unet, recipe.adapter.targets)
 
-    if recipe.adapter.kind == "lora":
-        a = recipe.adapter
-        torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global generator
-        unet.add_adapter(lora_config(a.rank, a.alpha, a.dropout, a.init, modules), adapter_name=ADAPTER_NAME)
-        teacher = lambda: adapters_off(unet)  # noqa: E731
-    else:
-        frozen_copy = copy.deepcopy(unet)  # classic ESD: a frozen copy is the teacher
-        teacher = lambda: nullcontext(frozen_copy)  # noqa: E731
-        for name in modules:
-            unet.get_submodule(name).requires_grad_(True)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr)
-    student, optimizer = accelerator.prepare(unet, optimizer)
+def train(recipe: Recipe, resume: bool = False, progress: bool = True,
+          on_step: Callable[[int, Any], bool] | None = None, overwrite: bool = False) -> dict:
+    """Run the recipe; returns a summary (output folder, time, peak memory, final loss).
 
-    start, trajectory, picks = 0, None, None
-    if checkpoint is not None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(checkpoint / "trainable.safetensors"))
-        named = dict(unet.named_parameters())
-        missing = set(state) ^ {n for n, p in named.items() if p.requires_grad}
-        if missing:
-            raise RecipeError(f"--resume: {checkpoint} does not fit this recipe's trainable layers")
-        for n, tensor in state.items():
-            named[n].data.copy_(tensor.to(named[n].device))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
-        saved = json.loads((checkpoint / "state.json").read_text())
-        start, picks = saved["step"], saved.get("picks")
-        if (checkpoint / "trajectory.safetensors").exists():
-            trajectory = load_file(str(checkpoint / "trajectory.safetensors"))["latents"].to(device, unet.dtype)
-
+    A finished adapter already in the output folder is replaced only with `overwrite`. on_step(step, pipe)
+    is called after every step with the pipeline whose UNet is being trained (adapter on), e.g. to measure
+    the erasure as it forms; if it returns True, training stops there and the adapter is saved as of then."""
+    from accelerate import Accelerator
     from diffusers import DDIMScheduler
 
+    cfg, (out, checkpoint), started = recipe.train, _output_folder(recipe, resume, overwrite), time.time()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    if cfg.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        print(f"warning: train.mixed_precision fp16 needs a GPU; on the CPU accelerate computes in the weights' "
+              f"own dtype (model.dtype {recipe.model.dtype})", file=sys.stderr)
+    pipe = load_pipeline(recipe.model.id, recipe.model.dtype, recipe.model.revision, device=accelerator.device)
+    for part in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if part is not None:
+            part.requires_grad_(False)
+    base, model = base_identity(pipe), setup_model(recipe, pipe.unet)
+    student, optimizer = accelerator.prepare(model.unet, make_optimizer(cfg.optimizer, model.params, cfg.lr))
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    conditioner = Conditioner(pipe, device, unet.dtype)
-    own = bool(concept.preserve) and concept.preserve_on == "own"  # preserve prompts get latents of their own
-    n_sampled = cfg.batch * (2 if own else 1)
-    latent_shape = (n_sampled, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    empty = conditioner([""] * cfg.batch)
-    sampling_empty = conditioner([""] * n_sampled)
-
-    def new_picks() -> list[int]:
-        """Concept prompt indices, then (own) preserve prompt indices, of the images to sample."""
-        picks = [rng.randrange(len(concept.prompts)) for _ in range(cfg.batch)]
-        return picks + [rng.randrange(len(concept.preserve)) for _ in range(cfg.batch)] if own else picks
-
-    def sampled_prompts(picks: list[int]) -> list[str]:
-        return [concept.prompts[i] for i in picks[:cfg.batch]] + [concept.preserve[j] for j in picks[cfg.batch:]]
-
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "log.jsonl"
-    kept = [line for line in (log_path.read_text().splitlines() if log_path.exists() and start else [])
-            if json.loads(line)["step"] <= start]
-    log = open(log_path, "w")
-    log.writelines(line + "\n" for line in kept)
-    t0 = time.time()
-    loss_value = float("nan")
+    conditioner = Conditioner(pipe, accelerator.device, model.unet.dtype)
+    source = latent_source(recipe, model.unet, conditioner, scheduler)
+    esd = EsdStep(recipe.concept, conditioner, scheduler, cfg.batch)
+    start = _load_checkpoint(checkpoint, model, optimizer, source) if checkpoint else 0
+    sampling = model.teacher if cfg.sampler == "frozen" else lambda: nullcontext(accelerator.unwrap_model(student))
+    log, t0, loss = RunLog(out / "log.jsonl", start, accelerator.is_main_process), time.time(), None
     bar = tqdm(range(start, cfg.steps), desc=f"erasing {recipe.name}", initial=start, total=cfg.steps,
                disable=not (progress and accelerator.is_main_process))
     for step in bar:
-        seed = (cfg.seed * 1_000_003 + step) * 64 + accelerator.process_index
-        gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
-        torch.manual_seed(seed)  # LoRA dropout
+        gen, rng = step_random(cfg.seed, step, accelerator.process_index)
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-
-        sampler_ctx = teacher() if cfg.sampler == "frozen" else nullcontext(accelerator.unwrap_model(student))
-        if cfg.refresh_every == 1:  # the paper: a fresh partial run to a random DDIM index for every step
-            picks = new_picks()
-            ks = [int(torch.randint(0, cfg.ddim_steps, (1,), generator=gen))] * cfg.batch
-            with sampler_ctx as sampler_unet:
-                x = sample_trajectory(sampler_unet, scheduler, conditioner(sampled_prompts(picks)), sampling_empty,
-                                      ks[0], cfg.ddim_steps, cfg.guidance, gen, latent_shape, unet.dtype, device)[-1]
-        else:  # one full run every refresh_every steps; each step trains on latents at random indices of it
-            if trajectory is None or step % cfg.refresh_every == 0:
-                picks = new_picks()
-                with sampler_ctx as sampler_unet:
-                    trajectory = sample_trajectory(sampler_unet, scheduler, conditioner(sampled_prompts(picks)),
-                                                   sampling_empty, cfg.ddim_steps - 1, cfg.ddim_steps,
-                                                   cfg.guidance, gen, latent_shape, unet.dtype, device)
-            ks = [rng.randrange(cfg.ddim_steps) for _ in range(cfg.batch)]
-            x = trajectory[ks * (n_sampled // cfg.batch), torch.arange(n_sampled)]
-        x_t = x[:cfg.batch]
-        t = loss_timestep(ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(device)
-        trained_cond = conditioner(sampled_prompts(picks)[:cfg.batch])
-        neutral = conditioner([concept.subject(i) for i in picks[:cfg.batch]]) if concept.erase_from else empty
-
-        latents, conds = [x_t, x_t], [trained_cond, neutral]
-        if concept.preserve:  # on the concept's latents, or (own) on latents sampled from the preserve prompts
-            kept = picks[cfg.batch:] if own else [rng.randrange(len(concept.preserve)) for _ in range(cfg.batch)]
-            latents.append(x[cfg.batch:] if own else x_t)
-            conds.append(conditioner([concept.preserve[j] for j in kept]))
-        with teacher() as frozen:
-            preds = frozen_predictions(frozen, scheduler, latents, t, conds)
-        target = esd_target(preds[0], preds[1], concept.eta)
-
-        with accelerator.autocast():
-            rows = [0, 2] if concept.preserve else [0]  # c's and the preserve prompt's predictions, in one call
-            eps = predictions(student, scheduler, [latents[i] for i in rows], t, [conds[i] for i in rows])
-            loss = esd_loss(eps[0], target)
-            if concept.preserve:
-                loss = loss + concept.preserve_weight * esd_loss(eps[1], preds[-1])
+        latents = source.draw(step, gen, rng, sampling)
+        t = loss_timestep(latents.ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(accelerator.device)
+        loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast)
         accelerator.backward(loss)
+        _check_finite(loss, model.params if cfg.mixed_precision != "fp16" else [], step + 1, out)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if accelerator.is_main_process:
-            log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "k": ks if cfg.batch > 1 else ks[0],
-                                  "time": round(time.time() - t0, 3)}) + "\n")
-            log.flush()
-            every = recipe.output.checkpoint_every
-            if every and (step + 1) % every == 0 and step + 1 < cfg.steps:
-                _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer, trajectory, picks)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        log.write(step + 1, loss.item(), lr, latents.ks, time.time() - t0)
+        every = recipe.output.checkpoint_every
+        if accelerator.is_main_process and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer, source)
         if on_step is not None and on_step(step + 1, pipe) and step + 1 < cfg.steps:
             recipe = copy.deepcopy(recipe)
             recipe.train.steps = step + 1
             break
     log.close()
-
     summary = {"output": str(out), "steps": recipe.train.steps, "seconds": round(time.time() - t0, 2),
-               "peak_memory_mb": round(_peak_memory_mb(device), 1), "final_loss": loss_value}
+               "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1),
+               "final_loss": loss.item() if loss is not None else float("nan")}
     if accelerator.is_main_process:
-        _save_result(recipe, accelerator.unwrap_model(student), modules, base, started, out)
+        _save_result(recipe, accelerator.unwrap_model(student), model.modules, base, started, out)
         atomic_write_json(out / "summary.json", summary)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return summary
 
 
-def _save_checkpoint(out: Path, step: int, unet, optimizer, trajectory: torch.Tensor | None,
-                     picks: list[int] | None) -> None:
-    """Trainable weights, optimizer state, the step and the trajectory in use (with its prompts), in one
-    folder that appears whole or not at all, so a resumed run continues exactly."""
+def _check_finite(loss: torch.Tensor, params: list[torch.nn.Parameter], step: int, out: Path) -> None:
+    """Stop at the first non-finite loss or gradient, before it reaches the weights (fp16's loss scaler
+    skips overflowing steps by itself, so its gradients are not checked here)."""
+    bad = "loss" if not torch.isfinite(loss) else next(
+        ("gradient" for p in params if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+    if bad:
+        found = sorted((out / "checkpoints").glob("step_*"))
+        kept = f"the checkpoint of step {int(found[-1].name[5:])} is kept (--resume)" if found else "no checkpoint yet"
+        raise TrainingError(f"train: the {bad} is not finite at step {step} (lower train.lr or concept.eta); {kept}")
+
+
+class RunLog:
+    """log.jsonl, one line per step, appended as the run goes. A resumed run keeps the lines up to its
+    checkpoint's step; only the main process writes."""
+
+    def __init__(self, path: Path, start: int, main: bool) -> None:
+        self.file = None
+        if not main:
+            return
+        if path.exists() and start:  # drop the lines of steps after the checkpoint, crash-safely
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= start]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        elif path.exists():
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")
+
+    def write(self, step: int, loss: float, lr: float, ks: list[int], seconds: float) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr, "k": ks if len(ks) > 1 else ks[0],
+                                        "time": round(seconds, 3)}) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; infinite for a line a kill cut short, so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _save_checkpoint(out: Path, step: int, unet, optimizer, source) -> None:
+    """Trainable weights, optimizer state, the step and the latent source's state, in one folder that
+    appears whole or not at all, so a resumed run continues exactly."""
+    state = source.state()
     with atomic_dir(out / "checkpoints" / f"step_{step:06d}") as tmp:
-        atomic_save_safetensors(_trainable_state(unet), tmp / "trainable.safetensors")
-        if trajectory is not None:
-            atomic_save_safetensors({"latents": trajectory.float().cpu().contiguous()},
+        trainable = {n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+        atomic_save_safetensors(trainable, tmp / "trainable.safetensors")
+        if "trajectory" in state:
+            atomic_save_safetensors({"latents": state["trajectory"].float().cpu().contiguous()},
                                     tmp / "trajectory.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "picks": picks}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "picks": state.get("picks")}))
     for old in sorted((out / "checkpoints").glob("step_*"))[:-1]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(checkpoint: Path, model: TrainedModel, optimizer, source) -> int:
+    """Restore what `_save_checkpoint` wrote; returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(checkpoint / "trainable.safetensors"))
+    named = dict(model.unet.named_parameters())
+    if set(state) ^ {n for n, p in named.items() if p.requires_grad}:
+        raise RecipeError(f"--resume: {checkpoint} does not fit this recipe's trainable layers")
+    for n, tensor in state.items():
+        named[n].data.copy_(tensor.to(named[n].device))
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=model.params[0].device,
+                                         weights_only=True))
+    saved = json.loads((checkpoint / "state.json").read_text())
+    if (checkpoint / "trajectory.safetensors").exists():
+        source.load_state({"trajectory": load_file(str(checkpoint / "trajectory.safetensors"))["latents"],
+                           "picks": saved["picks"]})
+    return saved["step"]
 
 
 def _save_result(recipe: Recipe, unet, modules: list[str], base: BaseIdentity, started: float, out: Path) -> None:

@@ -1,10 +1,22 @@
 import pytest
 
 from esd_lora.cli import main
-from esd_lora.evaluate import evaluate, named_concepts, summarize
+from esd_lora.errors import EsdLoraError
+from esd_lora.evaluate import ClipScorer, evaluate, rates_with_roles, summarize
 from esd_lora.models import ModelLoadError
+from esd_lora.toy.scoring import ToyScorer
+from esd_lora.toy.vocab import named_concepts
 
 REPORT_FIELDS = {"model", "erased_model", "adapters", "erased", "erased_from", "settings", "prompts", "summary"}
+
+
+class _Words:
+    """A scorer that reads concepts as the words of a prompt (enough for summaries)."""
+
+    name = "words"
+
+    def concepts(self, prompt):
+        return named_concepts(prompt)
 
 
 def test_named_concepts_reads_names_and_synonyms():
@@ -15,7 +27,7 @@ def test_named_concepts_reads_names_and_synonyms():
 def test_summary_separates_erased_from_kept():
     before = {"a red shape": {"red": 1.0}, "a blue shape": {"blue": 0.8}}
     after = {"a red shape": {"red": 0.1}, "a blue shape": {"blue": 0.6}}
-    s = summarize(before, after, ["red"])
+    s = summarize(rates_with_roles(before, after, ["red"], _Words()))
     assert s["efficacy_max_detection"] == 0.1 and s["specificity_min_ratio"] == pytest.approx(0.75)
 
 
@@ -24,12 +36,14 @@ def test_erase_from_counts_the_concept_as_erased_on_its_subject_only():
               "a red square": {"red": 1.0, "square": 1.0}}
     after = {"a red circle": {"red": 0.05, "circle": 1.0}, "a scarlet disk": {"red": 0.1, "circle": 0.9},
              "a red square": {"red": 0.5, "square": 1.0}}
-    s = summarize(before, after, ["red"], erased_from=["circle"])
+    rates = rates_with_roles(before, after, ["red"], _Words(), erased_from=["circle"])
+    assert rates["a scarlet disk"]["red"]["role"] == "erased" and rates["a red square"]["red"]["role"] == "kept"
+    s = summarize(rates)
     assert s["efficacy_max_detection"] == 0.1 and s["specificity_min_ratio"] == 0.5
 
 
 def test_toy_report_of_a_model_against_itself_keeps_every_concept(tmp_path):
-    report, grid = evaluate("toy", [], ["red"], prompts=["a red shape", "a blue shape"], n=2, steps=4,
+    report, grid = evaluate("toy", [], ["red"], ToyScorer(), prompts=["a red shape", "a blue shape"], n=2, steps=4,
                             progress=False, erased_model="toy")
     assert set(report) == REPORT_FIELDS
     assert report["prompts"]["a blue shape"]["blue"]["base"] == report["prompts"]["a blue shape"]["blue"]["erased"]
@@ -48,15 +62,16 @@ def test_clip_scoring_on_a_tiny_pipeline_with_an_adapter(tiny_models, tiny_adapt
     assert set(report) == REPORT_FIELDS and report["settings"]["scorer"] == f"clip:{tiny_clip}"
     assert list(report["prompts"]) == ["red", "blue", "green"]
     for prompt, rates in report["prompts"].items():
-        assert list(rates) == [prompt] and all(0 <= r <= 1 for r in rates[prompt].values())
+        assert list(rates) == [prompt] and all(0 <= rates[prompt][k] <= 1 for k in ("base", "erased"))
+        assert rates[prompt]["role"] == ("erased" if prompt == "red" else "kept")
     assert (out / "report.md").is_file() and (out / "grid.png").is_file()
 
 
 def test_clip_needs_alternatives_and_a_loadable_model(tiny_models, tiny_clip, tmp_path):
-    with pytest.raises(ValueError, match="alternatives"):
-        evaluate(str(tiny_models["sd1"]), [], ["red"], clip=str(tiny_clip))
+    with pytest.raises(EsdLoraError, match="alternatives"):
+        ClipScorer(str(tiny_clip), ["red"])
     with pytest.raises(ModelLoadError, match="cannot load CLIP model"):
-        evaluate(str(tiny_models["sd1"]), [], ["red"], kept=["blue"], clip=str(tmp_path / "no-clip"))
+        ClipScorer(str(tmp_path / "no-clip"), ["red", "blue"])
 
 
 def test_a_missing_adapter_fails_before_any_image(tmp_path, capsys, monkeypatch):
@@ -67,3 +82,22 @@ def test_a_missing_adapter_fails_before_any_image(tmp_path, capsys, monkeypatch)
                  "--out", str(tmp_path / "out")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_real_model_is_scored_with_clip_or_refused_in_one_line(tiny_models, tiny_clip, tmp_path, capsys):
+    assert main(["eval", str(tiny_models["sd1"]), "--concepts", "red", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no scorer of its own" in err[0] and "--clip" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_stack_report_on_a_real_model_with_clip(tiny_models, tiny_adapters, tiny_clip, tmp_path):
+    import json
+
+    out = tmp_path / "stacked"
+    assert main(["stack", str(tiny_adapters["red"]), str(tiny_adapters["star"]), "--base", str(tiny_models["sd1"]),
+                 "--out", str(out), "--report", "--clip", str(tiny_clip), "--concepts", "red", "star", "--kept",
+                 "blue", "--n", "2"]) == 0
+    report = json.loads((tmp_path / "stacked-report" / "report.json").read_text())
+    assert report["erased_model"] == str(out) and report["settings"]["scorer"] == f"clip:{tiny_clip}"
+    assert {r["role"] for rates in report["prompts"].values() for r in rates.values()} == {"erased", "kept"}

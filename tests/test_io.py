@@ -31,3 +31,35 @@ def test_a_failed_folder_write_leaves_nothing(tmp_path):
 def test_json(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": 1})
     assert (tmp_path / "a.json").read_text() == '{\n  "x": 1\n}\n'
+
+
+def test_what_a_killed_write_left_is_undone_by_the_next_one(tmp_path):
+    import os
+
+    folder = tmp_path / "model"
+    with atomic_dir(folder) as tmp:
+        (tmp / "a").write_text("old")
+    os.replace(folder, tmp_path / ".model.old")  # killed between the two renames of a replacement
+    (tmp_path / ".model.x1.tmp").mkdir()  # and a half-written temporary
+    (tmp_path / ".out.txt.y2.tmp").write_text("half")
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("new")
+    with atomic_dir(folder) as tmp:
+        assert (folder / "a").read_text() == "old"  # the old state is back before the new one is written
+        (tmp / "b").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.txt"]
+
+
+def test_files_and_folders_get_the_umasks_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "inside").write_text("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750

@@ -60,3 +60,65 @@ def test_teacher_is_the_base_bit_for_bit(tiny_model):
         on = unet(x, t, **kwargs).sample
     assert torch.equal(off, base)
     assert not torch.allclose(on, base)
+
+
+def _esd_step(pipe, concept, batch):
+    from diffusers import DDIMScheduler
+
+    from esd_lora.models import Conditioner
+    from esd_lora.objective import EsdStep
+
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return EsdStep(concept, Conditioner(pipe, "cpu", torch.float32), scheduler, batch)
+
+
+def test_esd_step_pulls_the_concept_to_the_target_and_keeps_the_preserve_prompts(tiny_models):
+    import random
+
+    from contextlib import nullcontext
+
+    from esd_lora.latents import LatentBatch
+    from esd_lora.recipe import ConceptSection
+
+    pipe = load_pipeline(str(tiny_models["sd1"]))
+    unet = pipe.unet
+    unet.add_adapter(lora_config(2, 2.0, 0.0, "default", select_modules(unet, "esd-x")), adapter_name=ADAPTER_NAME)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # the trained model differs from the teacher
+    concept = ConceptSection(prompts=["a red circle", "a red square"], erase_from=["a circle", "a square"], eta=1.5,
+                             preserve=["a blue circle"], preserve_weight=3.0)
+    esd = _esd_step(pipe, concept, batch=2)
+    torch.manual_seed(1)
+    latents = LatentBatch(torch.randn(2, 4, 8, 8), ks=[3, 7], picks=[1, 0])
+    t = torch.tensor([300, 700])
+    loss = esd.loss(unet, lambda: adapters_off(unet), latents, t, random.Random(0), nullcontext)
+
+    def eps(prompts, on):
+        with torch.no_grad(), (nullcontext() if on else adapters_off(unet)):
+            return unet(latents.x, t, **esd.conditioner(prompts)).sample
+
+    target = esd_target(eps(["a red square", "a red circle"], False), eps(["a square", "a circle"], False), 1.5)
+    expected = esd_loss(eps(["a red square", "a red circle"], True), target) + 3.0 * esd_loss(
+        eps(["a blue circle"] * 2, True), eps(["a blue circle"] * 2, False))
+    assert torch.allclose(loss, expected, rtol=1e-4)
+    loss.backward()
+    assert all(p.grad is not None for n, p in unet.named_parameters() if "lora_" in n)
+
+
+def test_preserve_on_own_latents_uses_the_preserve_images(tiny_models):
+    import random
+
+    from esd_lora.latents import LatentBatch
+    from esd_lora.recipe import ConceptSection
+
+    pipe = load_pipeline(str(tiny_models["sd1"]))
+    concept = ConceptSection(prompts=["a red shape"], preserve=["a blue shape", "a green shape"], preserve_on="own")
+    esd = _esd_step(pipe, concept, batch=2)
+    x = torch.randn(4, 4, 8, 8)
+    xs, conds = esd.conditions(LatentBatch(x, ks=[1, 2], picks=[0, 0, 1, 0]), random.Random(0))
+    assert torch.equal(xs[0], x[:2]) and torch.equal(xs[2], x[2:])
+    assert torch.equal(conds[2]["encoder_hidden_states"],
+                       esd.conditioner(["a green shape", "a blue shape"])["encoder_hidden_states"])
+    assert torch.equal(conds[1]["encoder_hidden_states"], esd.conditioner([""] * 2)["encoder_hidden_states"])

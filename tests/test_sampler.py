@@ -72,3 +72,18 @@ def test_a_full_trajectory_holds_the_partial_runs_of_every_index():
         partial = sample_trajectory(unet, scheduler, cond, uncond, k, 10, 3.0, torch.Generator().manual_seed(1),
                                     (1, 4, 8, 8), torch.float32, "cpu")
         assert torch.equal(full[k], partial[-1])
+
+
+def test_a_trajectory_through_a_real_v_prediction_model_is_the_pipelines_own_sampling(tiny_models):
+    from esd_lora.models import Conditioner, load_pipeline
+
+    pipe = load_pipeline(str(tiny_models["sd2"]))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    conditioner = Conditioner(pipe, "cpu", torch.float32)
+    shape = (2, 4, 8, 8)
+    ours = sample_trajectory(pipe.unet, pipe.scheduler, conditioner(["a red shape"] * 2), conditioner([""] * 2), 6,
+                             6, 3.0, torch.Generator().manual_seed(5), shape, torch.float32, "cpu")
+    theirs = pipe(["a red shape"] * 2, num_inference_steps=6, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(5), output_type="latent").images
+    assert ours.shape == (7, *shape)
+    assert torch.allclose(ours[-1], theirs, atol=1e-5)

@@ -5,13 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..sample import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
-from .vocab import COLOURS, KINDS, SHAPES, TEXTURES, article, kind_of
-
-
-def concept_prompt(word: str, concept: str) -> str:
-    """The plain prompt for one concept, said with `word` (its name or a synonym)."""
-    desc = word if kind_of(concept) == "shape" else f"{word} shape"
-    return f"{article(desc)} {desc}"
+from .vocab import COLOURS, KINDS, SHAPES, TEXTURES, article, concept_prompt
 
 
 def triple_prompts() -> list[tuple[str, dict[str, str]]]:
@@ -29,9 +23,10 @@ def quality_table(model: str | Path = "toy", classifier_path: str | Path | None 
                   seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE) -> dict:
     """Detection rates for every concept by name and by synonym, for three-attribute prompts, and
     the colours and shapes the unconditional model produces."""
-    from ..evaluate import Scorer, detection_rates
+    from ..evaluate import detection_rates
     from ..models import load_pipeline
     from .classifier import load_classifier
+    from .scoring import ToyScorer
 
     pipe = load_pipeline(str(model))
     classifier = load_classifier(classifier_path)
@@ -39,7 +34,7 @@ def quality_table(model: str | Path = "toy", classifier_path: str | Path | None 
             for table in KINDS.values() for concept, synonyms in table.items() for w in (concept, *synonyms)]
     triples = triple_prompts()
     rates, _ = detection_rates(pipe, [p for _, _, p in jobs] + [p for p, _ in triples], n, seed,
-                               Scorer(classifier), steps, guidance)
+                               ToyScorer(classifier), steps, guidance)
     single: dict[str, dict[str, float]] = {}
     for concept, word, prompt in jobs:
         single.setdefault(concept, {})[word] = rates[prompt][concept]
@@ -49,7 +44,7 @@ def quality_table(model: str | Path = "toy", classifier_path: str | Path | None 
     predicted = classifier.predict(uncond)
     unconditional = {kind: sorted(set(predicted[kind])) for kind in KINDS}
     return {
-        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM"},
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__},
         "single": single,
         "triple": triple,
         "unconditional": unconditional,
@@ -65,7 +60,7 @@ def format_table(table: dict) -> str:
     """The quality table as Markdown, for people and for the README."""
     s = table["settings"]
     lines = [f"Detection rates, {s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, "
-             f"{s['scheduler']} {s['steps']} steps, guidance {s['guidance']}.", "",
+             f"{s['steps']} steps of {s['scheduler']}, guidance {s['guidance']}.", "",
              "| concept | by name | synonym 1 | synonym 2 |", "|---|---|---|---|"]
     for concept, rates in table["single"].items():
         words = list(rates)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from ..errors import ConceptError
+
 COLOURS: dict[str, tuple[str, ...]] = {
     "red": ("crimson", "scarlet"),
     "orange": ("amber", "tangerine"),
@@ -56,7 +58,22 @@ def kind_of(concept: str) -> str:
     for kind, table in KINDS.items():
         if concept in table:
             return kind
-    raise ValueError(f"unknown toy concept {concept!r}; known: {', '.join(CONCEPTS)}")
+    raise ConceptError(f"unknown toy concept {concept!r}; known: {', '.join(CONCEPTS)}")
+
+
+def named_concepts(prompt: str) -> list[str]:
+    """Toy concepts a prompt names, by name or synonym, in the order they appear."""
+    found = []
+    for word in prompt.lower().replace(",", " ").split():
+        if word in WORD_TO_CONCEPT and WORD_TO_CONCEPT[word] not in found:
+            found.append(WORD_TO_CONCEPT[word])
+    return found
+
+
+def concept_prompt(word: str, concept: str) -> str:
+    """The plain prompt for one concept, said with `word` (its name or a synonym)."""
+    desc = word if kind_of(concept) == "shape" else f"{word} shape"
+    return f"{article(desc)} {desc}"
 
 
 def words() -> list[str]:
