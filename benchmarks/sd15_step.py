@@ -51,9 +51,9 @@ def one(mode: str, precision: str) -> dict:
 
     torch.manual_seed(0)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    recipe = from_dict({"concept": {"prompts": ["concept"]}, "adapter": {"kind": "lora" if mode == "esd-lora" else "none",
-                                                                        "targets": "esd-x"},
-                        "train": {"optimizer": "adamw8bit" if mode == "esd-lora" else "adam", "lr": 1e-5}})
+    lora = mode == "esd-lora"
+    recipe = from_dict({"concept": {"prompts": ["concept"]}, "adapter": {"kind": "lora" if lora else "none"},
+                        "train": {"optimizer": "adamw8bit" if lora else "adam", "lr": 1e-5}})
     unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768).to(dtype)  # SD 1.5's block layout
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)

@@ -86,7 +86,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     prompts = _read_prompts(args.prompts, "--prompts") if args.prompts else None
     scorer = _scorer(args.model, args.clip, args.concepts, args.kept)
     report, grid = evaluate(args.model, args.adapter, args.concepts, scorer, prompts, args.n, args.seed, args.steps,
-                            args.guidance, erased_model=args.erased_model, erased_from=args.erased_from)
+                            args.guidance, erased_model=args.erased_model, erased_from=args.erased_from,
+                            held_out=args.held_out)
     _write_report(report, grid, Path(args.out))
 
 
@@ -247,6 +248,9 @@ def _add_eval(sub) -> None:
     e.add_argument("--adapter", action="append", default=[], help="adapter folder or file (repeatable)")
     e.add_argument("--concepts", nargs="+", required=True, help="the erased concepts")
     e.add_argument("--prompts", help="a file of prompts, one per line (default: built from the concepts)")
+    e.add_argument("--held-out", type=number(int, 0, 10_000), default=24,
+                   help="without --prompts: held-out prompts per erased concept, where the scorer makes them "
+                        "(the toy's: caption templates, synonyms and other kinds' words; default 24, 0: none)")
     _sampling_flags(e, 64)
     e.add_argument("--erased-from", nargs="+", default=[],
                    help="the concepts count as erased only in prompts naming one of these subjects (erase_from)")

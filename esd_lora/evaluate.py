@@ -11,12 +11,15 @@ fraction of the base model's.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from .errors import EsdLoraError
 from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+
+GRID_PROMPTS = 24  # rows of the report's image grid (the first prompts: the default ones, then held-out)
 
 
 class Scorer(Protocol):
@@ -27,6 +30,8 @@ class Scorer(Protocol):
     def concepts(self, prompt: str) -> list[str]: ...
 
     def default_prompts(self, erased: list[str]) -> list[str]: ...
+
+    def held_out_prompts(self, erased: list[str], trained: list[str], n: int, seed: int) -> list[str]: ...
 
     def __call__(self, images, prompt: str) -> dict[str, float]: ...
 
@@ -78,6 +83,10 @@ class ClipScorer:
     def default_prompts(self, erased: list[str]) -> list[str]:
         """The labels themselves: the erased concepts, then the kept ones."""
         return list(self.labels)
+
+    def held_out_prompts(self, erased: list[str], trained: list[str], n: int, seed: int) -> list[str]:
+        """None: held-out prompts for a real model come from a prompt file (--prompts)."""
+        return []
 
     def __call__(self, images, prompt: str) -> dict[str, float]:
         import torch
@@ -132,43 +141,67 @@ def rates_with_roles(before: dict, after: dict, erased: list[str], scorer: Score
                 for c in before[p]} for p in before}
 
 
+def trained_prompts(adapters: list[str], erased_model: str | None) -> list[str]:
+    """The prompts the erasure was trained on, from the adapters' headers or the merged model's."""
+    from .adapter import adapter_provenance
+    from .provenance import UNET_WEIGHTS, MergedProvenance, read_metadata
+
+    prompts = [p for path in adapters for p in adapter_provenance(path).concepts]
+    weights = Path(erased_model or "") / "unet" / UNET_WEIGHTS
+    if erased_model and weights.is_file():
+        merged = MergedProvenance.from_metadata(read_metadata(weights), weights)
+        prompts += [p for group in merged.erased for p in group]
+    return list(dict.fromkeys(prompts))
+
+
 def evaluate(model: str, adapters: list[str], erased: list[str], scorer: Scorer, prompts: list[str] | None = None,
              n: int = 64, seed: int = 0, steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
-             progress: bool = True, erased_model: str | None = None,
-             erased_from: list[str] = ()) -> tuple[dict, "object"]:
+             progress: bool = True, erased_model: str | None = None, erased_from: list[str] = (),
+             held_out: int = 24) -> tuple[dict, "object"]:
     """Detection rates of `model` against `erased_model` (default: the same model) with the adapters loaded,
-    and the summary; returns (report, grid image). A merged model is measured with `erased_model`. With
-    `erased_from` (subject concepts), the erased concepts count as erased only in prompts naming a subject."""
+    and the summaries; returns (report, grid image). A merged model is measured with `erased_model`. With
+    `erased_from` (subject concepts), the erased concepts count as erased only in prompts naming a subject.
+
+    Prompts the erasure was trained on are reported apart from held-out ones. Without `prompts`, the
+    scorer's default prompts are measured, plus `held_out` held-out prompts per erased concept where the
+    scorer can make them (the toy world's); given prompts that were trained on are flagged on stderr."""
+    import sys
+
     import torch
 
-    from .adapter import adapter_provenance, load_adapters
+    from .adapter import load_adapters
     from .models import load_pipeline
     from .sample import to_pil_grid
 
-    for path in adapters:
-        adapter_provenance(path)  # a missing or unreadable adapter fails before any image is made
-    prompts = prompts or scorer.default_prompts(erased)
+    trained = trained_prompts(adapters, erased_model)  # a missing or unreadable adapter fails here, first
+    if prompts is None:
+        prompts = scorer.default_prompts(erased)
+        prompts += [p for p in scorer.held_out_prompts(erased, trained, held_out, seed) if p not in prompts]
+    elif overlap := [p for p in prompts if p.lower() in {t.lower() for t in trained}]:
+        print(f"warning: {len(overlap)} of the prompts were trained on ({overlap[0]!r}…); they are reported as "
+              "trained, apart from the held-out ones", file=sys.stderr)
     pipe = load_pipeline(model)
     before, base_images = detection_rates(pipe, prompts, n, seed, scorer, steps, guidance, progress)
     if erased_model:
         pipe = load_pipeline(erased_model)
     load_adapters(pipe, adapters)
     after, erased_images = detection_rates(pipe, prompts, n, seed, scorer, steps, guidance, progress)
-    shown = min(n, 4)
-    rows = []
-    for i in range(len(prompts)):
+    shown, rows = min(n, 4), []
+    for i in range(min(len(prompts), GRID_PROMPTS)):
         rows += [base_images[i * n:i * n + shown], erased_images[i * n:i * n + shown]]
-    grid = to_pil_grid(torch.cat(rows), cols=2 * shown, scale=3)
     rates = rates_with_roles(before, after, erased, scorer, erased_from)
+    sets = {"trained": [p for p in prompts if p.lower() in {t.lower() for t in trained}]}
+    sets["held_out"] = [p for p in prompts if p not in sets["trained"]]
     report = {
         "model": model, "erased_model": erased_model or model, "adapters": [str(a) for a in adapters],
         "erased": erased, "erased_from": list(erased_from),
         "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance,
                      "scheduler": type(pipe.scheduler).__name__, "scorer": scorer.name},
-        "prompts": rates,
-        "summary": summarize(rates),
+        "prompts": rates, "sets": sets, "summary": summarize(rates),
+        "summary_trained": summarize({p: rates[p] for p in sets["trained"]}),
+        "summary_held_out": summarize({p: rates[p] for p in sets["held_out"]}),
     }
-    return report, grid
+    return report, to_pil_grid(torch.cat(rows), cols=2 * shown, scale=3)
 
 
 def format_report(report: dict) -> str:
@@ -180,16 +213,23 @@ def format_report(report: dict) -> str:
              + (f" (from {', '.join(report['erased_from'])} only)." if report["erased_from"] else "."),
              f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['steps']} steps of "
              f"{s['scheduler']}, guidance {s['guidance']}, scored by {s['scorer']}.", "",
-             "| prompt | concept | base | erased | |", "|---|---|---|---|---|"]
+             "| prompt | set | concept | base | erased | |", "|---|---|---|---|---|---|"]
+    held_out = set(report["sets"]["held_out"])
     for prompt, rates in report["prompts"].items():
         for concept, r in rates.items():
-            lines.append(f"| {prompt} | {concept} | {r['base']:.0%} | {r['erased']:.0%} | {r['role']} |")
-    sm = report["summary"]
-    lines += [""]
-    if sm["efficacy_max_detection"] is not None:
-        lines.append(f"Efficacy: erased concepts detected in at most {sm['efficacy_max_detection']:.0%} "
-                     f"(mean {sm['efficacy_mean_detection']:.0%}) of images.")
-    if sm["specificity_min_ratio"] is not None:
-        lines.append(f"Specificity: kept concepts keep at least {sm['specificity_min_ratio']:.0%} of their base "
-                     f"detection rate (mean {sm['specificity_mean_ratio']:.0%}).")
+            where = "held-out" if prompt in held_out else "trained"
+            lines.append(f"| {prompt} | {where} | {concept} | {r['base']:.0%} | {r['erased']:.0%} | {r['role']} |")
+    lines.append("")
+    counts = {"summary": len(report["prompts"]), "summary_trained": len(report["sets"]["trained"]),
+              "summary_held_out": len(report["sets"]["held_out"])}
+    for name, key in (("All prompts", "summary"), ("Trained prompts", "summary_trained"),
+                      ("Held-out prompts", "summary_held_out")):
+        sm, parts = report[key], []
+        if sm["efficacy_max_detection"] is not None:
+            parts.append(f"erased concepts detected in at most {sm['efficacy_max_detection']:.0%} "
+                         f"(mean {sm['efficacy_mean_detection']:.0%}) of images")
+        if sm["specificity_min_ratio"] is not None:
+            parts.append(f"kept concepts keep at least {sm['specificity_min_ratio']:.0%} of their base detection "
+                         f"rate (mean {sm['specificity_mean_ratio']:.0%})")
+        lines.append(f"{name} ({counts[key]}): " + ("; ".join(parts) or "nothing measured") + ".")
     return "\n".join(lines) + "\n"

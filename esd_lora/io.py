@@ -106,6 +106,7 @@ def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool, fla
     if any(parent.exists() and not parent.is_dir() for parent in out.parents):
         raise OutputError(f"{flag} {out}: a parent of it is a file")
     if out.exists() and out.is_dir() != folder:
-        raise OutputError(f"{flag} {out}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'} path")
+        found, wanted = ("file", "folder") if folder else ("folder", "file")
+        raise OutputError(f"{flag} {out}: is a {found}; give a {wanted} path")
     if out.exists() and not overwrite and (out.is_file() or any(out.iterdir())):
         raise OutputError(f"{flag} {out}: already exists and is not empty; pass --overwrite to replace it")

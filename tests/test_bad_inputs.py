@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from esd_lora.adapter import WEIGHTS_NAME
 from esd_lora.cli import main
 
-GOOD_RECIPE = {"model": {"id": "MODEL"}, "concept": {"prompts": ["a red shape"]}, "train": {"steps": 1, "ddim_steps": 2},
-               "output": {"dir": "OUT"}}
+GOOD_RECIPE = {"model": {"id": "MODEL"}, "concept": {"prompts": ["a red shape"]},
+               "train": {"steps": 1, "ddim_steps": 2}, "output": {"dir": "OUT"}}
 
 
 def _with_header(src: Path, dst: Path, **changes) -> Path:

@@ -7,7 +7,8 @@ from esd_lora.models import ModelLoadError
 from esd_lora.toy.scoring import ToyScorer
 from esd_lora.toy.vocab import named_concepts
 
-REPORT_FIELDS = {"model", "erased_model", "adapters", "erased", "erased_from", "settings", "prompts", "summary"}
+REPORT_FIELDS = {"model", "erased_model", "adapters", "erased", "erased_from", "settings", "prompts", "sets", "summary",
+                 "summary_trained", "summary_held_out"}
 
 
 class _Words:
@@ -101,3 +102,28 @@ def test_stack_report_on_a_real_model_with_clip(tiny_models, tiny_adapters, tiny
     report = json.loads((tmp_path / "stacked-report" / "report.json").read_text())
     assert report["erased_model"] == str(out) and report["settings"]["scorer"] == f"clip:{tiny_clip}"
     assert {r["role"] for rates in report["prompts"].values() for r in rates.values()} == {"erased", "kept"}
+
+
+def test_held_out_prompts_are_reported_apart_from_the_trained_ones(tiny_models, tmp_path):
+    from conftest import make_adapter
+
+    adapter = make_adapter(tiny_models["sd1"], tmp_path / "a", ["a red shape", "red"])
+    held_out = ToyScorer.__new__(ToyScorer).held_out_prompts(["red"], ["a red shape", "red"], 6, seed=3)
+    assert len(held_out) == 6 + 7 and not {"a red shape", "red"} & set(held_out)
+    assert all(named_concepts(p)[:1] != [] for p in held_out)
+    assert held_out == ToyScorer.__new__(ToyScorer).held_out_prompts(["red"], ["a red shape"], 6, seed=3)  # seeded
+
+    class Words(_Words):
+        def default_prompts(self, erased):
+            return ["a red shape", "a crimson shape"]
+
+        def held_out_prompts(self, erased, trained, n, seed):
+            return ["one single scarlet star"][:n]
+
+        def __call__(self, images, prompt):
+            return {c: 1.0 for c in self.concepts(prompt)}
+
+    report, _ = evaluate(str(tiny_models["sd1"]), [str(adapter)], ["red"], Words(), n=1, steps=1, progress=False)
+    assert report["sets"] == {"trained": ["a red shape"], "held_out": ["a crimson shape", "one single scarlet star"]}
+    assert report["summary_held_out"]["efficacy_max_detection"] == 1.0
+    assert report["summary_trained"]["specificity_min_ratio"] is None

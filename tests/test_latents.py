@@ -10,9 +10,9 @@ from esd_lora.models import Conditioner, load_pipeline
 
 def _runs(path, own=()):
     pipe = load_pipeline(str(path))
-    return pipe.unet, GuidedRuns(Conditioner(pipe, "cpu", torch.float32), DDIMScheduler.from_config(pipe.scheduler.config),
-                                 ["a red shape", "a crimson shape"], list(own), 2, 5, 3.0, (4, 8, 8), torch.float32,
-                                 torch.device("cpu"))
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe.unet, GuidedRuns(Conditioner(pipe, "cpu", torch.float32), scheduler, ["a red shape", "a crimson shape"],
+                                 list(own), 2, 5, 3.0, (4, 8, 8), torch.float32, torch.device("cpu"))
 
 
 def test_preserve_prompts_on_their_own_latents_are_sampled_after_the_concepts(tiny_models):

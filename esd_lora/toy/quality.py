@@ -44,7 +44,8 @@ def quality_table(model: str | Path = "toy", classifier_path: str | Path | None 
     predicted = classifier.predict(uncond)
     unconditional = {kind: sorted(set(predicted[kind])) for kind in KINDS}
     return {
-        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": type(pipe.scheduler).__name__},
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance,
+                     "scheduler": type(pipe.scheduler).__name__},
         "single": single,
         "triple": triple,
         "unconditional": unconditional,

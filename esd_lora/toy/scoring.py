@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 
-from .vocab import KINDS, concept_prompt, kind_of, named_concepts
+from .vocab import KINDS, TEMPLATES, article, concept_prompt, kind_of, named_concepts
+
+
+def contexts(concept: str) -> list[tuple[str, str]]:
+    """Every (template, description) pair that says `concept` (by name or synonym) in a caption template,
+    with every word of the other kinds around it (or none), in the order colour, texture, shape."""
+    kind = kind_of(concept)
+    others = {k: [None, *(w for c, syn in table.items() for w in (c, *syn))] for k, table in KINDS.items() if k != kind}
+    words = {kind: [w for w in (concept, *KINDS[kind][concept])]}
+    out = []
+    for colour in words.get("colour") or others["colour"]:
+        for texture in words.get("texture") or others["texture"]:
+            for shape in words.get("shape") or others["shape"]:
+                desc = " ".join(w for w in (colour, texture, shape or "shape") if w)
+                out += [(template, desc) for template in TEMPLATES]
+    return out
+
+
+def context_prompts(concept: str, n: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[str]:
+    """A seeded sample of n prompts saying the concept in contexts (see `contexts`), none of `exclude`."""
+    prompts = sorted({t.format(a=article(d), d=d) for t, d in contexts(concept)} - exclude)
+    return rng.sample(prompts, min(n, len(prompts)))
 
 
 class ToyScorer:
@@ -28,6 +51,19 @@ class ToyScorer:
             prompts += [concept_prompt(w, concept) for w in (concept, *KINDS[kind_of(concept)][concept])]
         for kind in dict.fromkeys(kind_of(c) for c in erased):
             prompts += [concept_prompt(c, c) for c in KINDS[kind] if c not in erased]
+        return prompts
+
+    def held_out_prompts(self, erased: list[str], trained: list[str], n: int, seed: int) -> list[str]:
+        """Prompts no adapter was trained on: n per erased concept and n // 4 per other concept of its kind,
+        each a caption template with the concept's name or a synonym and other kinds' words around it."""
+        rng, exclude = random.Random(seed), {p.lower() for p in trained}
+        prompts = []
+        for concept in erased:
+            prompts += context_prompts(concept, n, rng, exclude)
+        for kind in dict.fromkeys(kind_of(c) for c in erased):
+            for concept in KINDS[kind]:
+                if concept not in erased:
+                    prompts += context_prompts(concept, max(1, n // 4), rng, exclude)
         return prompts
 
     def __call__(self, images: torch.Tensor, prompt: str) -> dict[str, float]:
