@@ -2,10 +2,11 @@
 or the new one, the next run must clean up after the kill, and `--resume` must reach the adapter of an
 uninterrupted run exactly.
 
-    python benchmarks/kill_points.py [--delays 2 4 6 ...]
+    python benchmarks/kill_points.py [--fractions 0.3 0.5 ...]
 
-Each run is a subprocess on a tiny random SD 1.x model built in code (as the tests build it), killed
-`delay` seconds after it starts; the report is printed and written to build/kill_points/report.json.
+Each run is a subprocess on a tiny random SD 1.x model built in code (as the tests build it), killed at a
+fraction of the time an uninterrupted run of the same command takes (so the kills fall from start-up to
+the last write); the report is printed and written to build/kill_points/report.json.
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ def merge_case(model: Path, adapter: Path, delay: float) -> dict:
     finished = run(argv, delay) is not None
     folder_whole = (out / "model_index.json").exists() and (out / "README.md").exists()
     state = "new" if folder_whole else "old (nothing)" if not out.exists() else "PARTIAL"
+    single_after_kill = single.exists()
     if not finished:
         run([*argv, "--overwrite"])
     verified = run(["verify", str(out), "--base", str(model), "--adapters", str(adapter)]) == 0
     return {"delay_s": delay, "killed": not finished, "folder_after_kill": state,
-            "single_file_after_kill": single.exists(), "verify_after_next_run": verified,
+            "single_file_after_kill": single_after_kill, "verify_after_next_run": verified,
             "leftovers_after_next_run": leftovers(out)}
 
 
@@ -88,7 +90,7 @@ def main() -> None:
     from conftest import build_tiny_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--delays", type=float, nargs="+", default=[6, 8, 10, 12, 14, 16])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.45, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99])
     args = ap.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
@@ -99,14 +101,19 @@ def main() -> None:
     (WORK / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     t0 = time.time()
     run(["train", str(WORK / "recipe.yaml"), f"model.id={model}", f"output.dir={WORK / 'reference'}", "--quiet"])
-    print(f"uninterrupted run: {time.time() - t0:.1f} s", flush=True)
+    train_seconds = time.time() - t0
+    t0 = time.time()
+    run(["merge", str(WORK / "reference"), "--base", str(model), "--out", str(WORK / "merged_reference"),
+         "--single-file", str(WORK / "merged_reference.safetensors")])
+    merge_seconds = time.time() - t0
+    print(f"uninterrupted: train {train_seconds:.1f} s, merge {merge_seconds:.1f} s", flush=True)
     reference = load_file(str(WORK / "reference" / "pytorch_lora_weights.safetensors"))
-    rows = {"train": [], "merge": []}
-    for delay in args.delays:
-        rows["train"].append(train_case(model, delay, reference))
+    rows = {"train_seconds": train_seconds, "merge_seconds": merge_seconds, "train": [], "merge": []}
+    for fraction in args.fractions:
+        rows["train"].append(train_case(model, round(fraction * train_seconds, 1), reference))
         print(json.dumps(rows["train"][-1]), flush=True)
-    for delay in [d / 2 for d in args.delays]:
-        rows["merge"].append(merge_case(model, WORK / "reference", delay))
+    for fraction in args.fractions:
+        rows["merge"].append(merge_case(model, WORK / "reference", round(fraction * merge_seconds, 1)))
         print(json.dumps(rows["merge"][-1]), flush=True)
     (WORK / "report.json").write_text(json.dumps(rows, indent=2))
 

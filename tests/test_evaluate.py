@@ -47,6 +47,7 @@ def test_toy_report_of_a_model_against_itself_keeps_every_concept(tmp_path):
     report, grid = evaluate("toy", [], ["red"], ToyScorer(), prompts=["a red shape", "a blue shape"], n=2, steps=4,
                             progress=False, erased_model="toy")
     assert set(report) == REPORT_FIELDS
+    assert report["settings"]["scheduler"] == "DDIMScheduler"  # what drew the images, not a fixed name
     assert report["prompts"]["a blue shape"]["blue"]["base"] == report["prompts"]["a blue shape"]["blue"]["erased"]
     assert report["summary"]["efficacy_max_detection"] == report["prompts"]["a red shape"]["red"]["base"]
     assert grid.size[0] > grid.size[1]

@@ -163,3 +163,15 @@ def test_a_finished_adapter_is_replaced_only_when_asked(tiny_models, tmp_path):
     assert (tmp_path / "a" / WEIGHTS_NAME).read_bytes() == before
     train(recipe_for(tiny_models["sd1"], tmp_path / "a", steps=1, seed=1), progress=False, overwrite=True)
     assert (tmp_path / "a" / WEIGHTS_NAME).read_bytes() != before
+
+
+def test_fp16_autocast_on_a_cpu_says_in_one_line_that_it_computes_in_the_weights_dtype(tiny_models, tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    try:
+        train(recipe_for(tiny_models["sd1"], tmp_path / "fp16", steps=1, mixed_precision="fp16"), progress=False)
+    finally:
+        AcceleratorState._reset_state(True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "mixed_precision" in line]
+    assert len(warnings) == 1 and "needs a GPU" in warnings[0] and "model.dtype fp32" in warnings[0]
