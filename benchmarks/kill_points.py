@@ -44,38 +44,40 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(WORK)) for p in beside + inside)
 
 
-def train_case(model: Path, delay: float, reference: dict) -> dict:
+def train_case(model: Path, case: int, delay: float, reference: dict) -> dict:
     from safetensors.torch import load_file
 
-    out = WORK / f"train_{delay:g}"
+    out = WORK / f"train_{case}"
     argv = ["train", str(WORK / "recipe.yaml"), f"model.id={model}", f"output.dir={out}", "--quiet"]
-    finished = run(argv, delay) is not None
+    rc = run(argv, delay)
+    finished = rc == 0
     adapter = out / "pytorch_lora_weights.safetensors"
     state_after_kill = "new (finished)" if adapter.exists() else "old (no adapter yet)"
     readable = not adapter.exists() or bool(load_file(str(adapter)))
     checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*")) if out.exists() else []
     if not finished:
-        run([*argv, "--resume"] if checkpoints else argv)
+        run([*argv, "--resume"] if checkpoints else [*argv, "--overwrite"])
     weights = load_file(str(adapter))
     log = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    return {"delay_s": delay, "killed": not finished, "state_after_kill": state_after_kill,
+    return {"delay_s": delay, "killed": rc is None, "exit_code": rc, "state_after_kill": state_after_kill,
             "adapter_readable_after_kill": readable, "checkpoints_at_kill": checkpoints,
             "resumed_equals_uninterrupted": all(bool((weights[k] == reference[k]).all()) for k in reference),
             "log_steps_valid": log == list(range(1, len(log) + 1)), "leftovers_after_next_run": leftovers(out)}
 
 
-def merge_case(model: Path, adapter: Path, delay: float) -> dict:
-    out = WORK / f"merged_{delay:g}"
-    single = WORK / f"merged_{delay:g}.safetensors"
+def merge_case(model: Path, adapter: Path, case: int, delay: float) -> dict:
+    out = WORK / f"merged_{case}"
+    single = WORK / f"merged_{case}.safetensors"
     argv = ["merge", str(adapter), "--base", str(model), "--out", str(out), "--single-file", str(single)]
-    finished = run(argv, delay) is not None
+    rc = run(argv, delay)
+    finished = rc == 0
     folder_whole = (out / "model_index.json").exists() and (out / "README.md").exists()
     state = "new" if folder_whole else "old (nothing)" if not out.exists() else "PARTIAL"
     single_after_kill = single.exists()
     if not finished:
         run([*argv, "--overwrite"])
     verified = run(["verify", str(out), "--base", str(model), "--adapters", str(adapter)]) == 0
-    return {"delay_s": delay, "killed": not finished, "folder_after_kill": state,
+    return {"delay_s": delay, "killed": rc is None, "exit_code": rc, "folder_after_kill": state,
             "single_file_after_kill": single_after_kill, "verify_after_next_run": verified,
             "leftovers_after_next_run": leftovers(out)}
 
@@ -109,11 +111,11 @@ def main() -> None:
     print(f"uninterrupted: train {train_seconds:.1f} s, merge {merge_seconds:.1f} s", flush=True)
     reference = load_file(str(WORK / "reference" / "pytorch_lora_weights.safetensors"))
     rows = {"train_seconds": train_seconds, "merge_seconds": merge_seconds, "train": [], "merge": []}
-    for fraction in args.fractions:
-        rows["train"].append(train_case(model, round(fraction * train_seconds, 1), reference))
+    for case, fraction in enumerate(args.fractions):
+        rows["train"].append(train_case(model, case, round(fraction * train_seconds, 1), reference))
         print(json.dumps(rows["train"][-1]), flush=True)
-    for fraction in args.fractions:
-        rows["merge"].append(merge_case(model, WORK / "reference", round(fraction * merge_seconds, 1)))
+    for case, fraction in enumerate(args.fractions):
+        rows["merge"].append(merge_case(model, WORK / "reference", case, round(fraction * merge_seconds, 1)))
         print(json.dumps(rows["merge"][-1]), flush=True)
     (WORK / "report.json").write_text(json.dumps(rows, indent=2))
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import AdapterError, TargetError
-from .provenance import AdapterProvenance, BaseIdentity, base_identity, check_adapter, read_metadata
+from .errors import AdapterError, TargetError, reason
+from .provenance import (AdapterProvenance, BaseIdentity, base_identity, check_adapter, read_metadata,
+                         require_provenance)
 
 ADAPTER_NAME = "esd"
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' name: pipe.load_lora_weights(folder) finds it
@@ -105,14 +106,24 @@ def adapter_provenance(path: str | Path) -> AdapterProvenance:
 
     file = adapter_file(path)
     record = AdapterProvenance.from_metadata(read_metadata(file), file)
-    if not record.base_unet_sha256:
-        raise AdapterError(f"adapter {path}: its header has no esd-lora provenance, so its base model is unknown")
+    require_provenance(path, record)
     try:
         load_file(str(file))
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AdapterError(f"adapter {file}: its tensors cannot be read ({reason})") from None
+        raise AdapterError(f"adapter {file}: its tensors cannot be read ({reason(err)})") from None
     return record
+
+
+def preserve_prompts(path: str | Path) -> list[str]:
+    """The preserve prompts an adapter was trained with: from its header, or for adapters whose header
+    predates that field, from the resolved recipe saved beside it."""
+    from .recipe import load_recipe
+
+    record = adapter_provenance(path)
+    recipe = adapter_file(path).parent / "recipe.yaml"
+    if record.preserve or not recipe.is_file():
+        return record.preserve
+    return load_recipe(recipe).concept.preserve
 
 
 def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = None,

@@ -34,6 +34,8 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
     files = [adapter_file(path) for path in args.adapter]  # a missing adapter fails before any image is made
     check_output(args.out, files, True, "--out", folder=False)
+    if args.out_dir:
+        check_output(args.out_dir, files, True, "--out-dir")
     pipe = load_pipeline(args.model)
     if args.adapter:
         load_adapters(pipe, args.adapter)  # checked against this base before any image is made
@@ -113,12 +115,14 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 def _cmd_stack(args: argparse.Namespace) -> None:
     from .errors import EsdLoraError
     from .evaluate import evaluate
+    from .io import check_output
     from .recipe import load_recipe
     from .stack import stack
 
     if args.report and args.clip and not args.concepts:
         raise EsdLoraError("--report with --clip: name the erased concepts (--concepts) and the kept ones (--kept)")
     scorer = _scorer(args.base, args.clip, args.concepts or [], args.kept) if args.report else None
+    check_output(args.out, [*args.inputs, *([args.preserve] if args.preserve else [])], args.overwrite, "--out")
     training = args.strategy in ("sequential", "joint")
     recipes = [load_recipe(r) for r in args.inputs] if training else []
     preserve = _read_prompts(args.preserve, "--preserve") if args.preserve else []

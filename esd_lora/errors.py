@@ -11,6 +11,12 @@ class EsdLoraError(Exception):
     """Base of every error whose message is a complete one-line explanation for the user."""
 
 
+def reason(err: BaseException) -> str:
+    """The first line of a library's exception message (or its type), to quote in a one-line error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class RecipeError(EsdLoraError, ValueError):
     """A recipe or an override is wrong; the message names the key."""
 

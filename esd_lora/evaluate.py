@@ -53,7 +53,7 @@ class ClipScorer:
     def __init__(self, model: str, labels: list[str]) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        from .errors import ModelLoadError
+        from .errors import ModelLoadError, reason
 
         if len(labels) < 2:
             raise EsdLoraError("--kept: CLIP scoring needs alternatives; name the kept concepts too")
@@ -62,8 +62,7 @@ class ClipScorer:
             self.model = CLIPModel.from_pretrained(model).eval()
             self.processor = CLIPProcessor.from_pretrained(model)
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(f"cannot load CLIP model {model!r}: {first}") from None
+            raise ModelLoadError(f"cannot load CLIP model {model!r}: {reason(err)}") from None
         import torch
 
         with torch.no_grad():
@@ -142,11 +141,12 @@ def rates_with_roles(before: dict, after: dict, erased: list[str], scorer: Score
 
 
 def trained_prompts(adapters: list[str], erased_model: str | None) -> list[str]:
-    """The prompts the erasure was trained on, from the adapters' headers or the merged model's."""
-    from .adapter import adapter_provenance
+    """The prompts the erasure was trained on (erased and preserved), from the adapters or the merged model's
+    header."""
+    from .adapter import adapter_provenance, preserve_prompts
     from .provenance import UNET_WEIGHTS, MergedProvenance, read_metadata
 
-    prompts = [p for path in adapters for p in adapter_provenance(path).concepts]
+    prompts = [p for path in adapters for p in [*adapter_provenance(path).concepts, *preserve_prompts(path)]]
     weights = Path(erased_model or "") / "unet" / UNET_WEIGHTS
     if erased_model and weights.is_file():
         merged = MergedProvenance.from_metadata(read_metadata(weights), weights)

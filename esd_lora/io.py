@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -30,8 +31,10 @@ def _recover(path: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(old, path)
+    own = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp")  # mkstemp's names, not a neighbour's
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if own.fullmatch(stale.name):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -85,7 +85,7 @@ def provenance(base: str, identity: BaseIdentity, folded: list[Folded], weights:
     """The safetensors header every merged weight file carries."""
     return MergedProvenance(erased=[f.record.concepts for f in folded], adapters_sha256=[f.sha256 for f in folded],
                             adapter_weights=list(weights), strategy=strategy, base_model=base,
-                            base_unet_sha256=identity.unet_sha256).to_metadata()
+                            base_unet_sha256=identity.unet_sha256, version=__version__).to_metadata()
 
 
 def _check_finite(pipe) -> None:
@@ -178,13 +178,15 @@ def merge(base: str, adapters: list[str | Path], out: str | Path, weights: list[
 
     An existing non-empty `out` (or `single_file`) is replaced only with `overwrite`, and never when it
     holds one of the inputs."""
-    from .models import DTYPES
+    from .models import DTYPES, resolve
 
     weights = weights or [1.0] * len(adapters)
     files = [adapter_file(path) for path in adapters]  # a missing adapter fails before the model loads
-    check_output(out, [*files, base], overwrite, "--out")
+    check_output(out, [*files, resolve(base)], overwrite, "--out")
     if single_file:
-        check_output(single_file, [*files, base], overwrite, "--single-file", folder=False)
+        check_output(single_file, [*files, resolve(base)], overwrite, "--single-file", folder=False)
+        if Path(out).resolve() in Path(single_file).resolve().parents:
+            raise ExportError(f"--single-file {single_file}: it lies inside --out {out}; write it beside the folder")
         if Path(single_file).suffix != ".safetensors":
             raise ExportError(f"--single-file {single_file}: a single-file export must end in .safetensors")
     pipe = load_pipeline(base, allow_pickle=allow_pickle)
@@ -199,7 +201,9 @@ def _stored_dtype(folder: Path) -> torch.dtype:
     from safetensors import safe_open
 
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    file = next(folder.glob("*.safetensors"))
+    file = next(folder.glob("*.safetensors"), None)
+    if file is None:
+        raise AdapterError(f"{folder.parent}: the merged model has no {folder.name} weights in safetensors to compare")
     with safe_open(str(file), framework="pt") as f:
         return dtypes.get(f.get_slice(next(iter(f.keys()))).get_dtype(), torch.float32)
 
@@ -210,15 +214,19 @@ def verify(merged: str | Path, base: str, adapters: list[str | Path], weights: l
 
     The recomputed weights are first rounded to the dtype the shipped ones are stored in, so an honest
     fp16 or bf16 merge differs by exactly zero, as an fp32 one does."""
+    from .models import resolve
+
     shipped = load_pipeline(str(merged), allow_pickle=allow_pickle)
     pipe = load_pipeline(base, allow_pickle=allow_pickle)
     apply_adapters(pipe, adapters, weights)
     diffs, stored = {}, {}
     for component in ("unet", "text_encoder", "text_encoder_2", "vae"):
         ours, theirs = getattr(pipe, component, None), getattr(shipped, component, None)
-        if ours is None:
+        if ours is None and theirs is None:
             continue
-        stored[component] = dtype = _stored_dtype(Path(merged) / component)
+        if ours is None or theirs is None:
+            raise AdapterError(f"{merged}: its {component} does not match the base {base}'s (another family?)")
+        stored[component] = dtype = _stored_dtype(Path(resolve(str(merged))) / component)
         a, b = ours.state_dict(), theirs.state_dict()
         if a.keys() != b.keys():
             extra = sorted(set(a) ^ set(b))[:3]

@@ -1,6 +1,6 @@
 """Model loading: the one place that turns a model name into a diffusers pipeline.
 
-Accepts `toy` (the shipped toy model), a local diffusers folder, or a hub id. Failures are
+Accepts a named model from a plug-in (`toy`, the shipped toy world), a local diffusers folder, or a hub id. Failures are
 one-line errors that say what could not be reached.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, reason
 
 TOY = "toy"  # the default model: the toy world's, a plug-in (see `named_models`)
 
@@ -95,8 +95,7 @@ def load_pipeline(model: str = TOY, dtype: str | torch.dtype = "fp32", revision:
             kwargs["safety_checker"] = None
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"cannot load model {model!r}: {first}") from None
+        raise ModelLoadError(f"cannot load model {model!r}: {reason(err)}") from None
     if not hasattr(pipe, "unet"):
         raise ModelLoadError(f"{model!r} is a {type(pipe).__name__}; esd-lora needs a UNet-based SD-family model")
     pipe.set_progress_bar_config(disable=True)

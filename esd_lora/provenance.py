@@ -13,13 +13,14 @@ import dataclasses
 import hashlib
 import json
 import typing
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .errors import AdapterError
+from .errors import AdapterError, reason
 
 PREFIX = "esd_lora."
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -66,6 +67,7 @@ class AdapterProvenance(_Record):
     """An adapter's record: the erasure (prompts, eta, layers, steps) and the base it was trained on."""
 
     concepts: list[str] = field(default_factory=list)
+    preserve: list[str] = field(default_factory=list)
     erase_from: list[str] = field(default_factory=list)
     eta: float = 1.0
     targets: list[str] = field(default_factory=list)
@@ -98,7 +100,7 @@ class MergedProvenance(_Record):
     strategy: str = ""
     base_model: str = ""
     base_unet_sha256: str = ""
-    version: str = __version__
+    version: str = ""
 
 
 def package_versions() -> dict[str, str]:
@@ -122,8 +124,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AdapterError(f"{path}: not a readable safetensors file ({reason})") from None
+        raise AdapterError(f"{path}: not a readable safetensors file ({reason(err)})") from None
 
 
 def _stored_unet_files(pipe) -> list[Path]:
@@ -150,10 +151,11 @@ def unet_sha256(pipe) -> str:
     if files:
         from safetensors import safe_open
 
-        handles = [safe_open(str(file), framework="pt") for file in files]
-        where = {key: handle for handle in handles for key in handle.keys()}
-        for key in sorted(where):
-            add(key, where[key].get_tensor(key))
+        with ExitStack() as opened:
+            handles = [opened.enter_context(safe_open(str(file), framework="pt")) for file in files]
+            where = {key: handle for handle in handles for key in handle.keys()}
+            for key in sorted(where):
+                add(key, where[key].get_tensor(key))
         return digest.hexdigest()
     for name, tensor in sorted(pipe.unet.state_dict().items()):
         if "lora_" not in name:
@@ -169,10 +171,15 @@ def base_identity(pipe) -> BaseIdentity:
                         pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
-def check_adapter(path: str | Path, record: AdapterProvenance, base: BaseIdentity) -> None:
-    """The one compatibility check before an adapter is loaded, merged, stacked or exported onto a base."""
+def require_provenance(path: str | Path, record: AdapterProvenance) -> None:
+    """Refuse an adapter whose header does not say which base it was trained for."""
     if not record.base_unet_sha256:
         raise AdapterError(f"adapter {path}: its header has no esd-lora provenance, so its base model is unknown")
+
+
+def check_adapter(path: str | Path, record: AdapterProvenance, base: BaseIdentity) -> None:
+    """The one compatibility check before an adapter is loaded, merged, stacked or exported onto a base."""
+    require_provenance(path, record)
     if record.base_family and record.base_family != base.family:
         raise AdapterError(f"adapter {path}: trained for an {record.base_family} model, the base is {base.family}")
     if record.base_unet_sha256 != base.unet_sha256:

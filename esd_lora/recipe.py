@@ -290,9 +290,12 @@ class _UniqueKeys(yaml.SafeLoader):
     """YAML with a key given twice refused, instead of the last one silently winning."""
 
     def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # `<<: *anchor` merges first, as YAML says
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise RecipeError(f"line {key_node.start_mark.line + 1}: a key must be a plain value")
             if key in seen:
                 raise RecipeError(f"{key}: given twice (line {key_node.start_mark.line + 1})")
             seen.add(key)

@@ -19,25 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapters
+from .adapter import load_adapters, preserve_prompts
 from .io import check_output
 from .merge import Folded, apply_adapters, check_adapters, model_card, provenance, save_merged
-from .models import Conditioner, load_pipeline
+from .models import Conditioner, load_pipeline, resolve
 from .provenance import BaseIdentity, base_identity
 from .recipe import Recipe, RecipeError
 
 STRATEGIES = ("sum", "fuse", "sequential", "joint")
 TEXT_KEYED = (".attn2.to_k", ".attn2.to_v")
-
-
-def _recipe_preserve(adapter: Folded) -> list[str]:
-    """The preserve prompts of the recipe saved beside the adapter."""
-    import yaml
-
-    recipe = adapter.file.parent / "recipe.yaml"
-    if not recipe.is_file():
-        return []
-    return list((yaml.safe_load(recipe.read_text()) or {}).get("concept", {}).get("preserve") or [])
 
 
 def _names_erased(prompt: str, erased: list[str]) -> bool:
@@ -54,7 +44,7 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
     base = base or base_identity(pipe)
     folded = check_adapters(adapters, base)
     erased = [p for f in folded for p in f.record.concepts]
-    preserve = list(dict.fromkeys([*preserve, *(p for f in folded for p in _recipe_preserve(f)), ""]))
+    preserve = list(dict.fromkeys([*preserve, *(p for f in folded for p in preserve_prompts(f.file)), ""]))
     preserve = [p for p in preserve if not _names_erased(p, erased)]
     cond = Conditioner(pipe, pipe.unet.device, torch.float32)
 
@@ -120,11 +110,13 @@ def stack(base: str, strategy: str, out: str | Path, adapters: list[str | Path] 
         raise RecipeError(f"stack {strategy}: give the adapters to stack")
     if strategy in ("sequential", "joint") and not recipes:
         raise RecipeError(f"stack {strategy}: give the recipes to train")
-    out = Path(out)
+    if weights and strategy != "sum":
+        raise RecipeError(f"--weights: only the sum strategy weighs adapters, not {strategy}")
+    out, inputs = Path(out), [*adapters, resolve(base)]
     stages = out.with_name(out.name + "-stages")
-    check_output(out, [*adapters, base], overwrite, "--out")
+    check_output(out, inputs, overwrite, "--out")
     if strategy in ("sequential", "joint"):
-        check_output(stages, [*adapters, base], overwrite, "--out (its -stages folder)")
+        check_output(stages, inputs, overwrite, "--out (its -stages folder)")
     pipe = load_pipeline(base)
     identity = base_identity(pipe)
     if strategy in ("sum", "fuse"):

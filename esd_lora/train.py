@@ -37,9 +37,12 @@ from .latents import GuidedRuns, PartialRuns, RefreshedTrajectories
 from .models import Conditioner, load_pipeline
 from .objective import EsdStep, adapters_off
 from .provenance import AdapterProvenance, BaseIdentity, base_identity
-from .errors import TrainingError
+from .errors import TrainingError, reason
 from .recipe import Recipe, RecipeError, TrainSection, dump_recipe
 from .sampler import loss_timestep
+
+
+RUN_FILES = (WEIGHTS_NAME, CLASSIC_WEIGHTS_NAME, "adapter_config.json", "recipe.yaml", "log.jsonl", "summary.json")
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -53,8 +56,7 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> to
             bnb.optim.AdamW8bit([probe], lr=1e-3).step()
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
         except Exception as err:  # any failure of the optional backend means: fall back, never crash
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            print(f"warning: bitsandbytes AdamW8bit unavailable on {params[0].device} ({reason}); "
+            print(f"warning: bitsandbytes AdamW8bit unavailable on {params[0].device} ({reason(err)}); "
                   f"using torch AdamW", file=sys.stderr)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -131,14 +133,17 @@ def _output_folder(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path,
     out = recipe.output_dir
     if any(p.exists() and not p.is_dir() for p in (out, *out.parents)):
         raise RecipeError(f"output.dir: {out} is a file, or lies under one")
-    found = sorted((out / "checkpoints").glob("step_*"))
+    model = Path(recipe.model.id).resolve()
+    if out.resolve() == model or out.resolve() in model.parents:
+        raise RecipeError(f"output.dir: {out} holds the base model {recipe.model.id}; write the adapter elsewhere")
+    found = _checkpoints(out)
     checkpoint = found[-1] if found else None
     if checkpoint and not resume:
         raise RecipeError(f"output.dir: {out} holds checkpoints of an earlier run; pass --resume or pick another dir")
-    finished = [out / name for name in (WEIGHTS_NAME, CLASSIC_WEIGHTS_NAME) if (out / name).exists()]
-    if finished and not (resume and checkpoint) and not overwrite:
-        raise RecipeError(f"output.dir: {out} already holds an adapter; pass --overwrite to replace it or set "
-                          "output.dir")
+    written = [name for name in RUN_FILES if (out / name).exists()]
+    if written and not (resume and checkpoint) and not overwrite:
+        what = "an adapter" if {WEIGHTS_NAME, CLASSIC_WEIGHTS_NAME} & set(written) else f"a run's {written[0]}"
+        raise RecipeError(f"output.dir: {out} already holds {what}; pass --overwrite to replace it or set output.dir")
     if recipe.adapter.kind == "none" and recipe.model.dtype != "fp32" and recipe.train.mixed_precision == "no":
         raise RecipeError("model.dtype: classic mode (adapter: none) trains the weights themselves; "
                           "load them in fp32 or set train.mixed_precision")
@@ -184,8 +189,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         t = loss_timestep(latents.ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(accelerator.device)
         loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast)
         accelerator.backward(loss)
-        _check_finite(loss, model.params if cfg.mixed_precision != "fp16" else [], step + 1, out)
+        if cfg.mixed_precision != "fp16":  # fp16's loss scaler skips an overflowing step by itself
+            _stop_unless_finite("loss or a gradient", [loss, *(p.grad for p in model.params)], step + 1, out)
         optimizer.step()
+        _stop_unless_finite("trained weights", model.params, step + 1, out)
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         log.write(step + 1, loss.item(), lr, latents.ks, time.time() - t0)
@@ -207,15 +214,19 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     return summary
 
 
-def _check_finite(loss: torch.Tensor, params: list[torch.nn.Parameter], step: int, out: Path) -> None:
-    """Stop at the first non-finite loss or gradient, before it reaches the weights (fp16's loss scaler
-    skips overflowing steps by itself, so its gradients are not checked here)."""
-    bad = "loss" if not torch.isfinite(loss) else next(
-        ("gradient" for p in params if p.grad is not None and not torch.isfinite(p.grad).all()), None)
-    if bad:
-        found = sorted((out / "checkpoints").glob("step_*"))
-        kept = f"the checkpoint of step {int(found[-1].name[5:])} is kept (--resume)" if found else "no checkpoint yet"
-        raise TrainingError(f"train: the {bad} is not finite at step {step} (lower train.lr or concept.eta); {kept}")
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "checkpoints").glob("step_*"))
+
+
+def _stop_unless_finite(what: str, tensors: list[torch.Tensor | None], step: int, out: Path) -> None:
+    """Stop training with one line at the first NaN or infinity, before it is logged or saved; the last
+    checkpoint stays for --resume."""
+    if all(t is None or bool(torch.isfinite(t).all()) for t in tensors):
+        return
+    found = _checkpoints(out)
+    kept = f"the checkpoint of step {int(found[-1].name[5:])} is kept" if found else "no checkpoint was written yet"
+    raise TrainingError(f"train: the {what} became NaN or infinite at step {step} (lower train.lr or concept.eta); "
+                        f"{kept}")
 
 
 class RunLog:
@@ -271,7 +282,7 @@ def _save_checkpoint(out: Path, step: int, unet, optimizer, source) -> None:
                                     tmp / "trajectory.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "picks": state.get("picks")}))
-    for old in sorted((out / "checkpoints").glob("step_*"))[:-1]:
+    for old in _checkpoints(out)[:-1]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -298,7 +309,7 @@ def _save_result(recipe: Recipe, unet, modules: list[str], base: BaseIdentity, s
     """The adapter (or classic weights) with provenance in the safetensors header, and the resolved recipe."""
     c = recipe.concept
     metadata = AdapterProvenance.for_base(
-        base, concepts=c.prompts, erase_from=c.erase_from, eta=c.eta, targets=modules,
+        base, concepts=c.prompts, preserve=c.preserve, erase_from=c.erase_from, eta=c.eta, targets=modules,
         target_spec=recipe.adapter.targets, steps=recipe.train.steps, recipe_name=recipe.name,
         base_model=recipe.model.id, base_revision=recipe.model.revision or "", training_started_at=started,
     ).to_metadata()

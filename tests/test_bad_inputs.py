@@ -91,6 +91,7 @@ def _recipes(ws: Path, model: Path) -> dict[str, Path]:
         "missing_model": dump({**GOOD_RECIPE, "model": {"id": str(ws / "no-model")}}),
         "mixed_halves": dump({**GOOD_RECIPE, "model": {"id": "MODEL", "dtype": "fp16"},
                               "train": {"mixed_precision": "bf16"}}),
+        "unhashable_key": "concept:\n  ? [a, b]\n  : 1\n",
     }
     out = {}
     for name, text in texts.items():
@@ -115,7 +116,10 @@ def ws(tiny_models, tiny_adapters, tmp_path_factory) -> dict:
     shutil.copytree(tiny_adapters["red"], adapter)
     (root / "taken" / "notes.txt").write_text("the user's")
     (root / "afile").write_text("a file, not a folder")
-    return {"root": root, "model": tiny_models["sd1"], "adapter": adapter, "sd2_adapter": tiny_adapters["sd2"],
+    (root / "runlike").mkdir()
+    (root / "runlike" / "log.jsonl").write_text("{}\n")
+    return {"root": root, "model": tiny_models["sd1"], "sdxl": tiny_models["sdxl"], "adapter": adapter,
+            "sd2_adapter": tiny_adapters["sd2"],
             "files": _corrupt_files(root, adapter), "recipes": _recipes(root, tiny_models["sd1"])}
 
 
@@ -215,6 +219,17 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("train-out-under-file", ["train", "{recipes}/good.yaml", "output.dir={root}/afile/run"], "output.dir"),
         ("train-out-is-file", ["train", "{recipes}/good.yaml", "output.dir={root}/afile"], "output.dir"),
         ("train-out-finished", ["train", "{recipes}/good.yaml", "output.dir={adapter}"], "already holds an adapter"),
+        ("train-out-run-files", ["train", "{recipes}/good.yaml", "output.dir={root}/runlike"], "log.jsonl"),
+        ("train-out-model", ["train", "{recipes}/good.yaml", "output.dir={model}"], "holds the base model"),
+        ("merge-single-file-inside-out", ["merge", "{adapter}", "--base", "{model}", "--out", "{root}/m",
+                                          "--single-file", "{root}/m/x.safetensors"], "inside --out"),
+        ("sample-out-dir-file", ["sample", "x", "--model", "{model}", "--out", "{root}/g.png", "--out-dir",
+                                 "{root}/afile"], "is a file"),
+        ("stack-fuse-weights", ["stack", "{adapter}", "--strategy", "fuse", "--base", "{model}", "--out", "{root}/s",
+                                "--weights", "1"], "--weights"),
+        ("stack-out-recipes", ["stack", "{recipes}/good.yaml", "--strategy", "sequential", "--base", "{model}",
+                               "--out", "{recipes}", "--overwrite"], "holds an input"),
+        ("verify-other-family", ["verify", "{model}", "--base", "{sdxl}"], "differ from the recomputed merge"),
     ]
     cases += outputs
     # recipes and overrides
@@ -223,7 +238,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "list_top": "top level", "not_yaml": "not valid YAML", "dotdot_name": "name", "hidden_name": "name",
         "no_prompts": "concept.prompts", "blank_prompt": "concept.prompts", "wrong_type_section": "concept",
         "unknown_section": "trian", "no_match": "adapter.targets", "missing_model": "cannot load model",
-        "mixed_halves": "train.mixed_precision",
+        "mixed_halves": "train.mixed_precision", "unhashable_key": "a key must be a plain value",
     }
     for name, words in recipe_cases.items():
         cases.append((f"train-recipe-{name}", ["train", f"{{recipes}}/{name}.yaml"], words))
@@ -299,8 +314,8 @@ def test_the_table_covers_every_subcommand_with_at_least_160_cases():
 @pytest.mark.parametrize("case, argv, words", CASES, ids=[c for c, _, _ in CASES])
 def test_bad_input_is_one_line_naming_the_problem_and_changes_nothing(case, argv, words, ws, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fill = {"root": ws["root"], "model": ws["model"], "adapter": ws["adapter"], "sd2_adapter": ws["sd2_adapter"],
-            "recipes": ws["root"] / "recipes"}
+    fill = {"root": ws["root"], "model": ws["model"], "sdxl": ws["sdxl"], "adapter": ws["adapter"],
+            "sd2_adapter": ws["sd2_adapter"], "recipes": ws["root"] / "recipes"}
     argv = [a.format(**fill) for a in argv]
     before = _snapshot(ws["root"])
     capsys.readouterr()

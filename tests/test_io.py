@@ -40,14 +40,15 @@ def test_what_a_killed_write_left_is_undone_by_the_next_one(tmp_path):
     with atomic_dir(folder) as tmp:
         (tmp / "a").write_text("old")
     os.replace(folder, tmp_path / ".model.old")  # killed between the two renames of a replacement
-    (tmp_path / ".model.x1.tmp").mkdir()  # and a half-written temporary
-    (tmp_path / ".out.txt.y2.tmp").write_text("half")
+    (tmp_path / ".model.x1y2z3w4.tmp").mkdir()  # and half-written temporaries (named as mkstemp names them)
+    (tmp_path / ".out.txt.a1b2c3d4.tmp").write_text("half")
+    (tmp_path / ".model.safetensors.e5f6g7h8.tmp").write_text("another output's, in flight")
     with atomic_path(tmp_path / "out.txt") as tmp:
         tmp.write_text("new")
     with atomic_dir(folder) as tmp:
         assert (folder / "a").read_text() == "old"  # the old state is back before the new one is written
         (tmp / "b").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.safetensors.e5f6g7h8.tmp", "model", "out.txt"]
 
 
 def test_files_and_folders_get_the_umasks_permissions(tmp_path):

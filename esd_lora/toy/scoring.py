@@ -57,6 +57,8 @@ class ToyScorer:
         """Prompts no adapter was trained on: n per erased concept and n // 4 per other concept of its kind,
         each a caption template with the concept's name or a synonym and other kinds' words around it."""
         rng, exclude = random.Random(seed), {p.lower() for p in trained}
+        if n == 0:
+            return []
         prompts = []
         for concept in erased:
             prompts += context_prompts(concept, n, rng, exclude)
