@@ -39,7 +39,10 @@ class ConceptSection:
     is erased. eta: guidance strength of the erasure. preserve: prompts whose predictions must not
     change, weighted by preserve_weight, on the latents sampled for the erased prompts (preserve_on
     `erased`, no extra sampling) or on latents sampled from the preserve prompts themselves (`own`, twice
-    the sampling), which holds concepts that sit close to the erased one.
+    the sampling), which holds concepts that sit close to the erased one. A preserve prompt that is also
+    a concept prompt is dropped, so a recipe can list a whole kind once and take any one of it as the
+    concept. contexts: templates with `{}` ("a photo of a {} star"); each concept and preserve prompt is
+    trained in every one of them, so that the erasure is about the concept, not about one sentence.
     """
 
     prompts: list[str] = field(default_factory=list)
@@ -48,10 +51,22 @@ class ConceptSection:
     preserve: list[str] = field(default_factory=list)
     preserve_weight: float = 1.0
     preserve_on: Literal["erased", "own"] = "erased"
+    contexts: list[str] = field(default_factory=list)
 
     def subject(self, i: int) -> str:
         """The erase_from subject of prompt i."""
         return self.erase_from[i if len(self.erase_from) > 1 else 0]
+
+    def trained(self) -> ConceptSection:
+        """The prompts training sees: each in every context, the preserve prompts without the concept's."""
+        def place(prompts: list[str]) -> list[str]:
+            return [c.format(p) for p in prompts for c in self.contexts] if self.contexts else list(prompts)
+
+        subjects = ([c.format(self.subject(i)) for i in range(len(self.prompts)) for c in self.contexts]
+                    if self.contexts and self.erase_from else list(self.erase_from))
+        preserve = [p for p in self.preserve if p not in self.prompts]
+        return dataclasses.replace(self, prompts=place(self.prompts), erase_from=subjects, preserve=place(preserve),
+                                   contexts=[])
 
 
 @dataclass
@@ -233,6 +248,8 @@ def _check(recipe: Recipe) -> None:
         ("train.seed", 0 <= t.seed < 2**31, "must be in [0, 2^31)"),
         ("output.checkpoint_every", o.checkpoint_every >= 0, "must be >= 0"),
     ]
+    if any(c.count("{}") != 1 for c in recipe.concept.contexts):
+        rules.append(("concept.contexts", False, "each context needs exactly one {} where the prompt goes"))
     if {recipe.model.dtype, t.mixed_precision} == {"fp16", "bf16"}:
         rules.append(("train.mixed_precision", False, f"{t.mixed_precision} autocast over model.dtype "
                       f"{recipe.model.dtype} weights mixes two half-precision types; use the same one for both"))

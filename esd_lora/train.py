@@ -120,7 +120,7 @@ def setup_model(recipe: Recipe, unet: torch.nn.Module) -> TrainedModel:
 def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[list[str]], dict],
                   scheduler) -> PartialRuns | RefreshedTrajectories:
     """The paper's partial runs (train.refresh_every 1) or refreshed trajectories of the concept."""
-    cfg, concept = recipe.train, recipe.concept
+    cfg, concept = recipe.train, recipe.concept.trained()
     own = concept.preserve if concept.preserve_on == "own" else []
     runs = GuidedRuns(conditioner, scheduler, concept.prompts, own, cfg.batch, cfg.ddim_steps, cfg.guidance,
                       (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), unet.dtype,
@@ -174,7 +174,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     conditioner = Conditioner(pipe, accelerator.device, model.unet.dtype)
     source = latent_source(recipe, model.unet, conditioner, scheduler)
-    esd = EsdStep(recipe.concept, conditioner, scheduler, cfg.batch)
+    esd = EsdStep(recipe.concept.trained(), conditioner, scheduler, cfg.batch)
     start = _load_checkpoint(checkpoint, model, optimizer, source) if checkpoint else 0
     sampling = model.teacher if cfg.sampler == "frozen" else lambda: nullcontext(accelerator.unwrap_model(student))
     log, t0, loss = RunLog(out / "log.jsonl", start, accelerator.is_main_process), time.time(), None
@@ -307,7 +307,7 @@ def _load_checkpoint(checkpoint: Path, model: TrainedModel, optimizer, source) -
 
 def _save_result(recipe: Recipe, unet, modules: list[str], base: BaseIdentity, started: float, out: Path) -> None:
     """The adapter (or classic weights) with provenance in the safetensors header, and the resolved recipe."""
-    c = recipe.concept
+    c = recipe.concept.trained()  # the prompts as trained, in their contexts
     metadata = AdapterProvenance.for_base(
         base, concepts=c.prompts, preserve=c.preserve, erase_from=c.erase_from, eta=c.eta, targets=modules,
         target_spec=recipe.adapter.targets, steps=recipe.train.steps, recipe_name=recipe.name,

@@ -60,3 +60,24 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("concept: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_contexts_place_every_prompt_in_every_template_and_the_concept_leaves_the_preserve_list():
+    recipe = from_dict({"concept": {"prompts": ["red", "crimson"], "preserve": ["red", "blue", "green"],
+                                    "contexts": ["{} star", "a photo of a {} circle"]}})
+    trained = recipe.concept.trained()
+    assert trained.prompts == ["red star", "a photo of a red circle", "crimson star", "a photo of a crimson circle"]
+    assert trained.preserve == ["blue star", "a photo of a blue circle", "green star", "a photo of a green circle"]
+    assert recipe.concept.contexts and not trained.contexts
+    subject = from_dict({"concept": {"prompts": ["a red circle", "a red disk"], "erase_from": ["a circle", "a disk"],
+                                     "contexts": ["{}", "one single {}"]}}).concept.trained()
+    assert [subject.subject(i) for i in range(4)] == ["a circle", "one single a circle", "a disk", "one single a disk"]
+    plain = from_dict(BASE).concept
+    assert plain.trained() == plain  # no contexts: exactly the recipe's prompts
+
+
+def test_every_shipped_toy_recipe_reads():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "recipes" / "toy").glob("*.yaml")):
+        assert load_recipe(path).concept.trained().prompts, path.name
