@@ -45,12 +45,12 @@ def main() -> None:
         folder = merge("toy", [args.adapter], tmp / "merged", single_file=tmp / "merged.safetensors")
         single = StableDiffusionPipeline.from_single_file(str(tmp / "merged.safetensors"), config=str(folder),
                                                           local_files_only=True, safety_checker=None,
-                                                          torch_dtype=torch.float32)
+                                                          dtype=torch.float32)
         rows = {"merged folder (from_pretrained)": load_pipeline(str(folder)), "single file (from_single_file)": single}
         for fmt in ("kohya", "diffusers"):
             file = export_adapter(args.adapter, tmp / f"{fmt}.safetensors", fmt)
             pipe = StableDiffusionPipeline.from_pretrained(resolve("toy"), safety_checker=None,
-                                                           torch_dtype=torch.float32)
+                                                           dtype=torch.float32)
             pipe.load_lora_weights(str(file.parent), weight_name=file.name)
             rows[f"{fmt} LoRA (load_lora_weights)"] = pipe
         print(f"{args.n} images of {args.prompt!r}, fp32, against toy + {args.adapter} loaded live:")

@@ -192,7 +192,7 @@ def extend_unet(work: Path, cfg: BuildConfig) -> Path:
     out = work / f"pipeline_plus{cfg.unet_extra_steps}"
     if (out / "model_index.json").exists():
         return out
-    pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(src, dtype=torch.float32)
     torch.manual_seed(cfg.seed + 10)
     rng = np.random.default_rng(cfg.seed + 12)
     scenes, latents = _latent_bank(pipe.vae.eval(), cfg.bank_size, rng)
