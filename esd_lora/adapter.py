@@ -114,12 +114,11 @@ def adapter_provenance(path: str | Path) -> AdapterProvenance:
     return record
 
 
-def preserve_prompts(path: str | Path) -> list[str]:
-    """The preserve prompts an adapter was trained with: from its header, or for adapters whose header
-    predates that field, from the resolved recipe saved beside it."""
+def preserve_prompts(path: str | Path, record: AdapterProvenance) -> list[str]:
+    """The preserve prompts an adapter was trained with: from its header (`record`, already read), or for
+    adapters whose header predates that field, from the resolved recipe saved beside it."""
     from .recipe import load_recipe
 
-    record = adapter_provenance(path)
     recipe = adapter_file(path).parent / "recipe.yaml"
     if record.preserve or not recipe.is_file():
         return record.preserve

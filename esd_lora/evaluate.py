@@ -146,7 +146,10 @@ def trained_prompts(adapters: list[str], erased_model: str | None) -> list[str]:
     from .adapter import adapter_provenance, preserve_prompts
     from .provenance import UNET_WEIGHTS, MergedProvenance, read_metadata
 
-    prompts = [p for path in adapters for p in [*adapter_provenance(path).concepts, *preserve_prompts(path)]]
+    prompts = []
+    for path in adapters:
+        record = adapter_provenance(path)
+        prompts += [*record.concepts, *preserve_prompts(path, record)]
     weights = Path(erased_model or "") / "unet" / UNET_WEIGHTS
     if erased_model and weights.is_file():
         merged = MergedProvenance.from_metadata(read_metadata(weights), weights)

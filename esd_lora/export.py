@@ -181,13 +181,19 @@ def pipeline_to_ldm(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def check_single_file(path: str | Path) -> None:
+    """A single-file export is a .safetensors file (checked before any heavy work)."""
+    if Path(path).suffix != ".safetensors":
+        raise ExportError(f"--single-file {path}: a single-file export must end in .safetensors")
+
+
 def save_single_file(pipe, path: str | Path, metadata: dict[str, str]) -> Path:
-    """Write the pipeline as one original-layout safetensors file, crash-safely."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ExportError(f"{path}: a single-file export must end in .safetensors")
-    atomic_save_safetensors(pipeline_to_ldm(pipe), path, metadata={"format": "pt", **metadata})
-    return path
+    """Write the pipeline as one original-layout safetensors file at `path` exactly; the caller writes it
+    under a temporary name and renames it (as `merge.save_merged` does with its folder)."""
+    from safetensors.torch import save_file
+
+    save_file(pipeline_to_ldm(pipe), str(path), metadata={"format": "pt", **metadata})
+    return Path(path)
 
 
 def _lora_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict]:

@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from .adapter import CLASSIC_WEIGHTS_NAME, AdapterError, adapter_file, adapter_provenance, load_adapters
 from .errors import ExportError
+from .export import check_single_file, save_single_file
 from .io import atomic_dir, atomic_path, atomic_save_safetensors, check_output
 from .models import load_pipeline
 from .provenance import AdapterProvenance, BaseIdentity, MergedProvenance, base_identity, check_adapter
@@ -104,9 +105,7 @@ def save_merged(pipe, out: str | Path, header: dict[str, str], card: str, single
     the single-file export. Both are written whole under temporary names first and then renamed one right
     after the other, so a run killed at any moment leaves the old outputs or the new ones (the two renames
     aside)."""
-    from safetensors.torch import load_file, save_file
-
-    from .export import pipeline_to_ldm
+    from safetensors.torch import load_file
 
     out = Path(out)
     if pipe.unet.dtype != dtype:
@@ -120,7 +119,7 @@ def save_merged(pipe, out: str | Path, header: dict[str, str], card: str, single
                 atomic_save_safetensors(load_file(str(file)), file, metadata={"format": "pt", **header})
             (tmp / "README.md").write_text(card)
             if single_tmp is not None:
-                save_file(pipeline_to_ldm(pipe), str(single_tmp), metadata={"format": "pt", **header})
+                save_single_file(pipe, single_tmp, header)
     return out
 
 
@@ -187,8 +186,7 @@ def merge(base: str, adapters: list[str | Path], out: str | Path, weights: list[
         check_output(single_file, [*files, resolve(base)], overwrite, "--single-file", folder=False)
         if Path(out).resolve() in Path(single_file).resolve().parents:
             raise ExportError(f"--single-file {single_file}: it lies inside --out {out}; write it beside the folder")
-        if Path(single_file).suffix != ".safetensors":
-            raise ExportError(f"--single-file {single_file}: a single-file export must end in .safetensors")
+        check_single_file(single_file)
     pipe = load_pipeline(base, allow_pickle=allow_pickle)
     identity = base_identity(pipe)
     folded = apply_adapters(pipe, adapters, weights, identity)

@@ -44,7 +44,7 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
     base = base or base_identity(pipe)
     folded = check_adapters(adapters, base)
     erased = [p for f in folded for p in f.record.concepts]
-    preserve = list(dict.fromkeys([*preserve, *(p for f in folded for p in preserve_prompts(f.file)), ""]))
+    preserve = list(dict.fromkeys([*preserve, *(p for f in folded for p in preserve_prompts(f.file, f.record)), ""]))
     preserve = [p for p in preserve if not _names_erased(p, erased)]
     cond = Conditioner(pipe, pipe.unet.device, torch.float32)
 
