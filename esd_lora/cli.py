@@ -104,6 +104,37 @@ def _write_report(report: dict, grid, out: Path) -> None:
     print(format_report(report))
 
 
+def _cmd_attack(args: argparse.Namespace) -> None:
+    from .adapter import adapter_provenance
+    from .attack import AttackSettings, attack, format_report
+    from .errors import EsdLoraError
+    from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text, check_output
+    from .sample import save_png
+
+    check_output(args.out, [*args.adapter, *([args.erased_model] if args.erased_model else [])], args.overwrite,
+                 "--out")
+    for path in args.adapter:
+        adapter_provenance(path)  # a missing or unreadable adapter fails before anything loads
+    candidates = _read_prompts(args.prompts, "--prompts") if args.prompts else None
+    if args.images and not Path(args.images).is_dir():
+        raise EsdLoraError(f"--images {args.images}: no such folder")
+    if any(step > args.attack_steps for step in args.measure_at or []):
+        raise EsdLoraError(f"--measure-at: every step must be <= --attack-steps {args.attack_steps}")
+    scorer = _scorer(args.model, args.clip, [args.concept], args.kept)
+    settings = AttackSettings(
+        concept=args.concept, methods=list(dict.fromkeys(args.method)), steps=args.attack_steps, lr=args.lr,
+        tokens=args.tokens, init=args.init, batch=args.batch, measure_at=args.measure_at or [], images=args.images,
+        candidates=args.candidates, n=args.n, seed=args.seed, sampling_steps=args.steps, guidance=args.guidance)
+    report, grid, tokens = attack(args.model, args.adapter, scorer, settings, args.erased_model, candidates)
+    with atomic_dir(args.out) as tmp:
+        atomic_write_json(tmp / "report.json", report)
+        atomic_write_text(tmp / "report.md", format_report(report))
+        save_png(grid, tmp / "grid.png")
+        for method, vectors in tokens.items():
+            atomic_save_safetensors(vectors, tmp / f"tokens_{method}.safetensors")
+    print(format_report(report))
+
+
 def _cmd_merge(args: argparse.Namespace) -> None:
     from .merge import merge
 
@@ -265,6 +296,38 @@ def _add_eval(sub) -> None:
     e.set_defaults(func=_cmd_eval)
 
 
+def _add_attack(sub) -> None:
+    from .attack import METHODS
+
+    a = sub.add_parser("attack", help="a robustness audit: try to bring an erased concept back (prompt search, "
+                                      "textual inversion, soft prompt)")
+    a.add_argument("model", help="the base model: `toy`, a diffusers folder or a hub id")
+    a.add_argument("--adapter", action="append", default=[], help="erasure adapter folder or file (repeatable)")
+    a.add_argument("--erased-model", help="attack this (merged) model instead of MODEL + adapters")
+    a.add_argument("--concept", required=True, help="the erased concept, as the scorer names it")
+    a.add_argument("--method", nargs="+", choices=METHODS, default=list(METHODS), help="attacks to run (default: all)")
+    a.add_argument("--attack-steps", type=number(int, 1, 1_000_000), default=400,
+                   help="ti / soft-prompt: optimisation steps (default 400)")
+    a.add_argument("--lr", type=number(float, 1e-8, 10), default=5e-3, help="ti / soft-prompt: Adam lr (default 5e-3)")
+    a.add_argument("--tokens", type=number(int, 1, 16), default=1, help="ti / soft-prompt: learned tokens (default 1)")
+    a.add_argument("--init", help="ti: the word the tokens start from (default: the concept)")
+    a.add_argument("--batch", type=number(int, 1, 4096), default=16, help="ti / soft-prompt: batch (default 16)")
+    a.add_argument("--measure-at", type=number(int, 0, 1_000_000), nargs="+",
+                   help="steps at which the rate is measured, 0 before any (default: 0, 1/8, 1/4 and 1/2 of "
+                        "--attack-steps; the last step always)")
+    a.add_argument("--images", help="ti: a folder of images of the concept (default: the model's renders, "
+                                    "else the base model's samples)")
+    a.add_argument("--prompts", help="prompts: a file of candidate prompts (default: the scorer's held-out prompts)")
+    a.add_argument("--candidates", type=number(int, 1, 100_000), default=128,
+                   help="prompts: how many of the scorer's prompts to try (default 128)")
+    _sampling_flags(a, 32)
+    a.add_argument("--clip", help="score with this CLIP model (folder or hub id) instead of the model's own scorer")
+    a.add_argument("--kept", nargs="+", default=[], help="with --clip: other concepts, the alternatives")
+    a.add_argument("--out", required=True, help="folder for report.json, report.md, grid.png and the learned tokens")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
+    a.set_defaults(func=_cmd_attack)
+
+
 def _add_merge(sub) -> None:
     m = sub.add_parser("merge", help="fold adapters into the base weights; write a diffusers pipeline folder")
     m.add_argument("adapters", nargs="+", help="adapter folders or files")
@@ -341,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="esd-lora", description="Erase concepts from diffusion models with LoRA.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (or ESD_LORA_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_sample, _add_eval, _add_merge, _add_stack, _add_verify_export, _add_toy):
+    for add in (_add_train, _add_sample, _add_eval, _add_attack, _add_merge, _add_stack, _add_verify_export, _add_toy):
         add(sub)
     return p
 

@@ -33,6 +33,8 @@ class Scorer(Protocol):
 
     def held_out_prompts(self, erased: list[str], trained: list[str], n: int, seed: int) -> list[str]: ...
 
+    def attack_templates(self, concept: str) -> list[str]: ...
+
     def __call__(self, images, prompt: str) -> dict[str, float]: ...
 
 
@@ -86,6 +88,11 @@ class ClipScorer:
     def held_out_prompts(self, erased: list[str], trained: list[str], n: int, seed: int) -> list[str]:
         """None: held-out prompts for a real model come from a prompt file (--prompts)."""
         return []
+
+    def attack_templates(self, concept: str) -> list[str]:
+        """Where an attack's tokens stand for the concept, in a few generic captions."""
+        return ["{}", "a photo of {}", "a painting of {}", "an image of {}", "a picture of {}", "{}, high quality",
+                "a drawing of {}", "a close-up of {}"]
 
     def __call__(self, images, prompt: str) -> dict[str, float]:
         import torch

@@ -27,12 +27,15 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 @dataclass(frozen=True)
 class NamedModel:
     """A model known by a short name, contributed by a plug-in: where its pipeline folder is, how to read
-    its concepts back from images (a `evaluate.Scorer`, or None), its licence, and how to get it if missing."""
+    its concepts back from images (a `evaluate.Scorer`, or None), its licence, how to get it if missing, and
+    (optionally) images of a concept that `attack` fits learned tokens to: images(concept, n, seed) -> a
+    tensor (n, 3, H, W) in [-1, 1] and a caption of each with `{}` where the concept is said."""
 
     folder: Callable[[], Path]
     scorer: Callable[[], Any] | None = None
     licence: str = "other"
     missing: str = ""
+    images: Callable[[str, int, int], Any] | None = None
 
 
 def named_models() -> dict[str, NamedModel]:

@@ -87,15 +87,23 @@ class EsdStep:
         return xs, conds
 
     def loss(self, student, teacher: Callable[[], AbstractContextManager], latents: LatentBatch, t: torch.Tensor,
-             rng: random.Random, autocast: Callable[[], AbstractContextManager]) -> torch.Tensor:
+             rng: random.Random, autocast: Callable[[], AbstractContextManager], adversarial: list[dict] = (),
+             adversarial_weight: float = 1.0) -> torch.Tensor:
+        """The step's loss. `adversarial` (robust erasure): condition batches of attackers' prompts, whose
+        predictions on the concept's latents are pulled to the concept's target as well."""
         xs, conds = self.conditions(latents, rng)
         with teacher() as frozen:
             preds = frozen_predictions(frozen, self.scheduler, xs, t, conds)
         target = esd_target(preds[0], preds[1], self.concept.eta)
         rows = [0, 2] if self.concept.preserve else [0]  # the concept's and the preserve prompts' predictions
+        student_xs, student_conds = [xs[i] for i in rows], [conds[i] for i in rows]
+        student_xs += [xs[0]] * len(adversarial)
+        student_conds += adversarial
         with autocast():
-            eps = predictions(student, self.scheduler, [xs[i] for i in rows], t, [conds[i] for i in rows])
+            eps = predictions(student, self.scheduler, student_xs, t, student_conds)
             loss = esd_loss(eps[0], target)
             if self.concept.preserve:
                 loss = loss + self.concept.preserve_weight * esd_loss(eps[1], preds[-1])
+            for pred in eps[len(rows):]:
+                loss = loss + adversarial_weight * esd_loss(pred, target)
         return loss

@@ -106,6 +106,36 @@ class TrainSection:
 
 
 @dataclass
+class AttackSection:
+    """Robust erasure: train against attackers as the erasure forms (off while `methods` is empty).
+
+    Every `every` training steps, each attacker takes `steps` Adam steps (lr `lr`, `batch` latents) on
+    `tokens` new token embeddings that bring the concept back on the model as it is then, by the diffusion
+    loss on `images` samples of the concept prompts by the base model: textual inversion (`ti`, the tokens
+    in place of the concept's word, each sample captioned with its own context from concept.contexts, or
+    with one of `templates` when given; starting from the word `init`, default the first concept prompt)
+    and/or a soft prompt (`soft-prompt`, the tokens before each sample's concept prompt, starting from
+    random words). The tokens carry over from one refit to the next, so an attacker grows with the erasure,
+    and start again from their initial values every `restart_every` refits (0: never), so that the erasure
+    also meets fresh attacks late in training. Each training step then also pulls the model's prediction
+    under every attacker's prompts to the concept's ESD target, weighted by `weight`. The adapter stays a
+    LoRA on the UNet, so it merges as any other.
+    """
+
+    methods: list[Literal["ti", "soft-prompt"]] = field(default_factory=list)
+    tokens: int = 1
+    steps: int = 10
+    lr: float = 5e-2
+    every: int = 10
+    restart_every: int = 0
+    batch: int = 8
+    images: int = 64
+    init: str = ""
+    templates: list[str] = field(default_factory=list)
+    weight: float = 1.0
+
+
+@dataclass
 class OutputSection:
     """Where the adapter goes (default runs/<recipe name>/, never the shipped adapters/) and how often to
     checkpoint (0: never)."""
@@ -121,6 +151,7 @@ class Recipe:
     concept: ConceptSection = field(default_factory=ConceptSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
     train: TrainSection = field(default_factory=TrainSection)
+    attack: AttackSection = field(default_factory=AttackSection)
     output: OutputSection = field(default_factory=OutputSection)
 
     @property
@@ -247,9 +278,20 @@ def _check(recipe: Recipe) -> None:
         ("train.refresh_every", 1 <= t.refresh_every <= 1_000_000, "must be in [1, 1e6]"),
         ("train.seed", 0 <= t.seed < 2**31, "must be in [0, 2^31)"),
         ("output.checkpoint_every", o.checkpoint_every >= 0, "must be >= 0"),
+        ("attack.tokens", 1 <= recipe.attack.tokens <= 16, "must be in [1, 16]"),
+        ("attack.steps", 1 <= recipe.attack.steps <= 100_000, "must be in [1, 1e5]"),
+        ("attack.lr", 0 < recipe.attack.lr <= 10, "must be in (0, 10]"),
+        ("attack.every", 1 <= recipe.attack.every <= 1_000_000, "must be in [1, 1e6]"),
+        ("attack.restart_every", 0 <= recipe.attack.restart_every <= 1_000_000, "must be in [0, 1e6]"),
+        ("attack.methods", len(set(recipe.attack.methods)) == len(recipe.attack.methods), "names a method twice"),
+        ("attack.batch", 1 <= recipe.attack.batch <= 1024, "must be in [1, 1024]"),
+        ("attack.images", 1 <= recipe.attack.images <= 100_000, "must be in [1, 1e5]"),
+        ("attack.weight", 0 <= recipe.attack.weight <= 1e6, "must be in [0, 1e6]"),
     ]
     if any(c.count("{}") != 1 for c in recipe.concept.contexts):
         rules.append(("concept.contexts", False, "each context needs exactly one {} where the prompt goes"))
+    if any(c.count("{}") != 1 for c in recipe.attack.templates):
+        rules.append(("attack.templates", False, "each template needs exactly one {} where the tokens go"))
     if {recipe.model.dtype, t.mixed_precision} == {"fp16", "bf16"}:
         rules.append(("train.mixed_precision", False, f"{t.mixed_precision} autocast over model.dtype "
                       f"{recipe.model.dtype} weights mixes two half-precision types; use the same one for both"))

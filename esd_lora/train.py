@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapter import ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules
+from .adversary import Adversary
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from .latents import GuidedRuns, PartialRuns, RefreshedTrajectories
 from .models import Conditioner, load_pipeline
@@ -128,6 +129,32 @@ def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[
     return PartialRuns(runs) if cfg.refresh_every == 1 else RefreshedTrajectories(runs, cfg.refresh_every)
 
 
+def adversaries_for(recipe: Recipe, pipe, model: TrainedModel, conditioner: Callable[[list[str]], dict],
+                    scheduler) -> list[Adversary]:
+    """The robust erasure's attackers (recipe section `attack`), fitted to the base model's samples of the
+    concept prompts, drawn once (seeded) at the start."""
+    cfg, a, concept, unet = recipe.train, recipe.attack, recipe.concept.trained(), model.unet
+    if not a.methods:
+        return []
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    gen, rng, x0, picks = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed), [], []
+    with model.teacher() as frozen:
+        for start in range(0, a.images, cfg.batch):
+            runs = GuidedRuns(conditioner, scheduler, concept.prompts, [], min(cfg.batch, a.images - start),
+                              cfg.ddim_steps, cfg.guidance, shape, unet.dtype, unet.device)
+            picks.append(runs.pick(rng))
+            x0.append(runs.run(frozen, picks[-1], cfg.ddim_steps, gen)[-1].float())
+    picks = [i for chunk in picks for i in chunk]
+    contexts = recipe.concept.contexts
+    shows = {  # what each sample shows: its context with {} for the concept (ti), or its prompt (soft-prompt)
+        "ti": [a.templates[j % len(a.templates)] if a.templates else contexts[i % len(contexts)] if contexts
+               else "{}" for j, i in enumerate(picks)],
+        "soft-prompt": [concept.prompts[i] for i in picks],
+    }
+    return [Adversary(pipe, method, a, recipe.concept.prompts[0], torch.cat(x0), shows[method], cfg.seed)
+            for method in a.methods]
+
+
 def _output_folder(recipe: Recipe, resume: bool, overwrite: bool) -> tuple[Path, Path | None]:
     """The output folder and its checkpoint to resume from, after refusing what would lose a user's work."""
     out = recipe.output_dir
@@ -175,7 +202,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     conditioner = Conditioner(pipe, accelerator.device, model.unet.dtype)
     source = latent_source(recipe, model.unet, conditioner, scheduler)
     esd = EsdStep(recipe.concept.trained(), conditioner, scheduler, cfg.batch)
-    start = _load_checkpoint(checkpoint, model, optimizer, source) if checkpoint else 0
+    adversaries = adversaries_for(recipe, pipe, model, conditioner, scheduler)
+    start = _load_checkpoint(checkpoint, model, optimizer, source, adversaries) if checkpoint else 0
     sampling = model.teacher if cfg.sampler == "frozen" else lambda: nullcontext(accelerator.unwrap_model(student))
     log, t0, loss = RunLog(out / "log.jsonl", start, accelerator.is_main_process), time.time(), None
     bar = tqdm(range(start, cfg.steps), desc=f"erasing {recipe.name}", initial=start, total=cfg.steps,
@@ -186,8 +214,13 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         for group in optimizer.param_groups:
             group["lr"] = lr
         latents = source.draw(step, gen, rng, sampling)
+        if adversaries and step % recipe.attack.every == 0:
+            with accelerator.autocast():
+                for adversary in adversaries:
+                    adversary.refresh(accelerator.unwrap_model(student), scheduler, gen, step // recipe.attack.every)
+        adversarial = [adversary.conditions(cfg.batch, rng) for adversary in adversaries]
         t = loss_timestep(latents.ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(accelerator.device)
-        loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast)
+        loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast, adversarial, recipe.attack.weight)
         accelerator.backward(loss)
         if cfg.mixed_precision != "fp16":  # fp16's loss scaler skips an overflowing step by itself
             _stop_unless_finite("loss or a gradient", [loss, *(p.grad for p in model.params)], step + 1, out)
@@ -198,7 +231,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         log.write(step + 1, loss.item(), lr, latents.ks, time.time() - t0)
         every = recipe.output.checkpoint_every
         if accelerator.is_main_process and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer, source)
+            _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer, source, adversaries)
         if on_step is not None and on_step(step + 1, pipe) and step + 1 < cfg.steps:
             recipe = copy.deepcopy(recipe)
             recipe.train.steps = step + 1
@@ -270,9 +303,9 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _save_checkpoint(out: Path, step: int, unet, optimizer, source) -> None:
-    """Trainable weights, optimizer state, the step and the latent source's state, in one folder that
-    appears whole or not at all, so a resumed run continues exactly."""
+def _save_checkpoint(out: Path, step: int, unet, optimizer, source, adversaries: list[Adversary]) -> None:
+    """Trainable weights, optimizer state, the step, the latent source's state and the attacker's tokens, in
+    one folder that appears whole or not at all, so a resumed run continues exactly."""
     state = source.state()
     with atomic_dir(out / "checkpoints" / f"step_{step:06d}") as tmp:
         trainable = {n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
@@ -280,13 +313,16 @@ def _save_checkpoint(out: Path, step: int, unet, optimizer, source) -> None:
         if "trajectory" in state:
             atomic_save_safetensors({"latents": state["trajectory"].float().cpu().contiguous()},
                                     tmp / "trajectory.safetensors")
+        if adversaries:
+            atomic_save_safetensors({k: v for a in adversaries for k, v in a.state().items()},
+                                    tmp / "adversaries.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "picks": state.get("picks")}))
     for old in _checkpoints(out)[:-1]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(checkpoint: Path, model: TrainedModel, optimizer, source) -> int:
+def _load_checkpoint(checkpoint: Path, model: TrainedModel, optimizer, source, adversaries: list[Adversary]) -> int:
     """Restore what `_save_checkpoint` wrote; returns the step to continue from."""
     from safetensors.torch import load_file
 
@@ -302,6 +338,13 @@ def _load_checkpoint(checkpoint: Path, model: TrainedModel, optimizer, source) -
     if (checkpoint / "trajectory.safetensors").exists():
         source.load_state({"trajectory": load_file(str(checkpoint / "trajectory.safetensors"))["latents"],
                            "picks": saved["picks"]})
+    if adversaries:
+        saved_tokens = load_file(str(checkpoint / "adversaries.safetensors")) if (
+            checkpoint / "adversaries.safetensors").exists() else {}
+        if set(saved_tokens) != {a.tokens.names[0] for a in adversaries}:
+            raise RecipeError(f"--resume: {checkpoint} was written without this recipe's attack section")
+        for adversary in adversaries:
+            adversary.load_state(saved_tokens)
     return saved["step"]
 
 

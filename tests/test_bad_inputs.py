@@ -136,6 +136,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "verify": [("--tolerance", ["nan", "-1", "inf", "x"]), ("--top", ["-1", "nan"])],
         "toy quality": [("--n", ["0"]), ("--steps", ["0"]), ("--guidance", ["nan"])],
         "toy build": [("--unet-steps", ["0", "nan"]), ("--seed", ["-1"])],
+        "attack": [("--attack-steps", ["0", "nan", "2.5"]), ("--lr", ["0", "inf", "nan"]), ("--tokens", ["0", "99"]),
+                   ("--batch", ["0"]), ("--measure-at", ["-1", "nan"]), ("--candidates", ["0"]), ("--n", ["0"])],
     }
     base_argv = {"sample": ["sample", "a red shape", "--model", "{model}", "--out", "{root}/g.png"],
                  "eval": ["eval", "{model}", "--concepts", "red", "--out", "{root}/e"],
@@ -143,7 +145,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                  "stack": ["stack", "{adapter}", "--base", "{model}", "--out", "{root}/s"],
                  "verify": ["verify", "{root}/m", "--base", "{model}"],
                  "toy quality": ["toy", "quality", "--model", "{model}"],
-                 "toy build": ["toy", "build", "--work", "{root}/b"]}
+                 "toy build": ["toy", "build", "--work", "{root}/b"],
+                 "attack": ["attack", "{model}", "--concept", "red", "--out", "{root}/a"]}
     for command, flags in numeric.items():
         for flag, values in flags:
             for value in values:
@@ -158,6 +161,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "verify": ["verify", "{model}", "--base", "{model}", "--adapters", "{file}"],
         "export-kohya": ["export", "{file}", "--format", "kohya", "--out", "{root}/k.safetensors"],
         "export-diffusers": ["export", "{file}", "--format", "diffusers", "--out", "{root}/d.safetensors"],
+        "attack": ["attack", "{model}", "--adapter", "{file}", "--concept", "red", "--clip", "{root}/no-clip", "--kept",
+                   "blue", "--out", "{root}/a"],
     }
     for command, argv in readers.items():
         for bad in ("png", "empty", "truncated", "shape", "garbled", "huge", "text", "folder", "stripped",
@@ -257,6 +262,11 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "output.checkpoint_every=-1": "output.checkpoint_every", "name=..": "name", "name=a/b": "name",
         "concept.erase_from=[a,b,c]": "concept.erase_from", "a.b.c=1": "a.b.c", "train.steps": "train.steps",
         "train.gradient_checkpointing=maybe": "train.gradient_checkpointing", "trian.steps=1": "trian",
+        "attack.methods=[gcg]": "attack.methods", "attack.methods=[ti, ti]": "attack.methods",
+        "attack.restart_every=-1": "attack.restart_every", "attack.tokens=0": "attack.tokens", "attack.lr=.inf": "attack.lr",
+        "attack.every=0": "attack.every", "attack.steps=0": "attack.steps", "attack.images=0": "attack.images",
+        "attack.weight=.nan": "attack.weight", "attack.templates=[no-slot]": "attack.templates",
+        "attack.batch=0": "attack.batch",
     }
     for override, words in overrides.items():
         cases.append((f"train-override-{override}", ["train", "{recipes}/good.yaml", override], words))
@@ -289,6 +299,20 @@ def _cases() -> list[tuple[str, list[str], str]]:
                               "--out", "{root}/s"], "concept.prompts"),
         ("stack-preserve-missing", ["stack", "{adapter}", "--strategy", "fuse", "--base", "{model}", "--out",
                                     "{root}/s", "--preserve", "{root}/none.txt"], "--preserve"),
+        ("attack-no-scorer", ["attack", "{model}", "--concept", "red", "--out", "{root}/a"], "--clip"),
+        ("attack-unknown-concept", ["attack", "toy", "--concept", "magenta", "--out", "{root}/a"], "magenta"),
+        ("attack-unknown-method", ["attack", "toy", "--concept", "red", "--method", "gcg", "--out", "{root}/a"],
+         "--method"),
+        ("attack-measure-beyond-steps", ["attack", "toy", "--concept", "red", "--attack-steps", "4", "--measure-at",
+                                         "8", "--out", "{root}/a"], "--measure-at"),
+        ("attack-out-nonempty", ["attack", "toy", "--concept", "red", "--out", "{root}/taken"], "--overwrite"),
+        ("attack-out-input", ["attack", "toy", "--adapter", "{adapter}", "--concept", "red", "--out", "{adapter}",
+                              "--overwrite"], "holds an input"),
+        ("attack-prompts-missing", ["attack", "toy", "--concept", "red", "--prompts", "{root}/none.txt", "--out",
+                                    "{root}/a"], "--prompts"),
+        ("attack-images-missing", ["attack", "toy", "--concept", "red", "--method", "ti", "--images",
+                                   "{root}/no-images", "--attack-steps", "1", "--n", "1", "--out", "{root}/a"],
+         "--images"),
         ("unknown-command", ["erase", "x"], "invalid choice"),
         ("unknown-flag", ["sample", "x", "--colour", "red"], "unrecognized arguments"),
         ("export-format", ["export", "{adapter}", "--format", "onnx", "--out", "{root}/x.safetensors"], "--format"),
@@ -307,7 +331,8 @@ def _snapshot(root: Path) -> dict[str, str]:
 
 def test_the_table_covers_every_subcommand_with_at_least_160_cases():
     commands = {argv[0] if argv[0] != "toy" else f"toy {argv[1]}" for _, argv, _ in CASES}
-    assert {"train", "sample", "eval", "merge", "stack", "verify", "export", "toy quality", "toy build"} <= commands
+    assert {"train", "sample", "eval", "attack", "merge", "stack", "verify", "export", "toy quality",
+            "toy build"} <= commands
     assert len(CASES) >= 160 and len({case for case, _, _ in CASES}) == len(CASES)
 
 

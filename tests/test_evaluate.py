@@ -128,3 +128,19 @@ def test_held_out_prompts_are_reported_apart_from_the_trained_ones(tiny_models, 
     assert report["sets"] == {"trained": ["a red shape"], "held_out": ["a crimson shape", "one single scarlet star"]}
     assert report["summary_held_out"]["efficacy_max_detection"] == 1.0
     assert report["summary_trained"]["specificity_min_ratio"] is None
+
+
+@pytest.mark.parametrize("concept, template, caption", [("red", "a {} circle", "a {} "), ("star", "a red {}", " {}"),
+                                                        ("striped", "a {} circle", "a {} ")])
+def test_toy_attack_templates_and_renders_say_the_concept_where_the_tokens_go(concept, template, caption):
+    from esd_lora.toy.scoring import concept_renders
+
+    scorer = ToyScorer()
+    templates = scorer.attack_templates(concept)
+    assert len(templates) == 8 and template in templates
+    assert all(scorer.concepts(t.format(concept))[0 if concept != "star" else 1] == concept for t in templates)
+    images, captions = concept_renders(concept, 16, seed=3)
+    assert images.shape == (16, 3, 32, 32) and len(captions) == 16
+    assert all(caption in c and c.count("{}") == 1 for c in captions)
+    # the classifier reads every render as its caption says: the concept and the other attribute named
+    assert all(set(scorer(images[i:i + 1], c.format(concept)).values()) == {1.0} for i, c in enumerate(captions))

@@ -72,6 +72,18 @@ def _esd_step(pipe, concept, batch):
     return EsdStep(concept, Conditioner(pipe, "cpu", torch.float32), scheduler, batch)
 
 
+def _trained_pipe(tiny_models):
+    """The tiny SD 1.x pipeline with a random esd-x adapter on: a trained model that differs from its teacher."""
+    pipe = load_pipeline(str(tiny_models["sd1"]))
+    unet = pipe.unet
+    unet.add_adapter(lora_config(2, 2.0, 0.0, "default", select_modules(unet, "esd-x")), adapter_name=ADAPTER_NAME)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return pipe, unet
+
+
 def test_esd_step_pulls_the_concept_to_the_target_and_keeps_the_preserve_prompts(tiny_models):
     import random
 
@@ -80,13 +92,7 @@ def test_esd_step_pulls_the_concept_to_the_target_and_keeps_the_preserve_prompts
     from esd_lora.latents import LatentBatch
     from esd_lora.recipe import ConceptSection
 
-    pipe = load_pipeline(str(tiny_models["sd1"]))
-    unet = pipe.unet
-    unet.add_adapter(lora_config(2, 2.0, 0.0, "default", select_modules(unet, "esd-x")), adapter_name=ADAPTER_NAME)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # the trained model differs from the teacher
+    pipe, unet = _trained_pipe(tiny_models)
     concept = ConceptSection(prompts=["a red circle", "a red square"], erase_from=["a circle", "a square"], eta=1.5,
                              preserve=["a blue circle"], preserve_weight=3.0)
     esd = _esd_step(pipe, concept, batch=2)
@@ -122,3 +128,29 @@ def test_preserve_on_own_latents_uses_the_preserve_images(tiny_models):
     assert torch.equal(conds[2]["encoder_hidden_states"],
                        esd.conditioner(["a green shape", "a blue shape"])["encoder_hidden_states"])
     assert torch.equal(conds[1]["encoder_hidden_states"], esd.conditioner([""] * 2)["encoder_hidden_states"])
+
+
+def test_an_attackers_conditioning_is_pulled_to_the_concepts_target_too(tiny_models):
+    import random
+
+    from contextlib import nullcontext
+
+    from esd_lora.latents import LatentBatch
+    from esd_lora.recipe import ConceptSection
+
+    pipe, unet = _trained_pipe(tiny_models)
+    esd = _esd_step(pipe, ConceptSection(prompts=["a red circle"], eta=1.0), batch=2)
+    latents = LatentBatch(torch.randn(2, 4, 8, 8), ks=[3, 7], picks=[0, 0])
+    t = torch.tensor([300, 700])
+    attackers = [{"encoder_hidden_states": torch.randn(2, 32, 16)} for _ in range(2)]
+
+    def loss(adversarial):
+        return esd.loss(unet, lambda: adapters_off(unet), latents, t, random.Random(0), nullcontext, adversarial, 3.0)
+
+    with torch.no_grad():
+        plain = loss([])
+        with adapters_off(unet):
+            target = esd_target(unet(latents.x, t, **esd.conditioner(["a red circle"] * 2)).sample,
+                                unet(latents.x, t, **esd.conditioner([""] * 2)).sample, 1.0)
+        attacked = [esd_loss(unet(latents.x, t, **a).sample, target) for a in attackers]
+        assert torch.allclose(loss(attackers), plain + 3.0 * sum(attacked), rtol=1e-4)

@@ -57,14 +57,18 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
 
 
 # refresh 3: the resumed run goes on with the checkpointed trajectories (of two images, or of two images and
-# two of the preserve prompt's own)
-@pytest.mark.parametrize("refresh_every,batch,preserve_on", [(1, 1, "erased"), (1, 1, "own"), (3, 2, "erased"),
-                                                              (3, 2, "own")])
+# two of the preserve prompt's own); robust: and with the attacker's tokens (refitted every 3 steps)
+@pytest.mark.parametrize("refresh_every,batch,preserve_on,robust", [
+    (1, 1, "erased", []), (1, 1, "own", []), (3, 2, "erased", []), (3, 2, "own", []), (3, 2, "erased", ["ti"]),
+    (1, 1, "erased", ["ti", "soft-prompt"])])
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every,
-                                                                  batch, preserve_on):
+                                                                  batch, preserve_on, robust):
     def recipe(name):
         r = recipe_for(tiny_models["sd1"], tmp_path / name, steps=5, refresh_every=refresh_every, batch=batch)
         r.concept.preserve_on = preserve_on
+        if robust:
+            r.attack.methods, r.attack.every, r.attack.steps, r.attack.images, r.attack.batch = robust, 1, 2, 3, 2
+            r.attack.restart_every = 2  # the resumed run restarts the attackers when the first one did
         return r
 
     train(recipe("full"), progress=False)
@@ -90,6 +94,19 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tm
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     log = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5]
+
+
+def test_robust_erasure_trains_against_the_attackers_prompts_and_still_writes_a_plain_unet_lora(tiny_models,
+                                                                                               tmp_path):
+    plain = recipe_for(tiny_models["sd1"], tmp_path / "plain")
+    robust = recipe_for(tiny_models["sd1"], tmp_path / "robust")
+    robust.attack.methods, robust.attack.steps, robust.attack.images = ["ti"], 2, 4
+    train(plain, progress=False)
+    train(robust, progress=False)
+    a, b = (load_file(str(tmp_path / name / WEIGHTS_NAME)) for name in ("plain", "robust"))
+    assert a.keys() == b.keys() and all(k.startswith("unet.") for k in b)  # the same layers: it merges the same
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the attacker's prompts changed the training
+    assert "attack:\n  methods:\n  - ti" in (tmp_path / "robust" / "recipe.yaml").read_text()
 
 
 def test_optimizer_falls_back_to_adamw_with_one_warning(monkeypatch, capsys):

@@ -14,5 +14,11 @@ def _scorer():
     return ToyScorer()
 
 
+def _renders(concept: str, n: int, seed: int):
+    from .scoring import concept_renders
+
+    return concept_renders(concept, n, seed)
+
+
 MODEL = NamedModel(folder=lambda: MODEL_DIR, scorer=_scorer, licence="apache-2.0",
-                   missing="run `esd-lora toy build --install`")
+                   missing="run `esd-lora toy build --install`", images=_renders)

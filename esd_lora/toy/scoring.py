@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from .vocab import KINDS, TEMPLATES, article, concept_prompt, kind_of, named_concepts
+from .vocab import COLOURS, KINDS, SHAPES, TEMPLATES, article, concept_prompt, kind_of, named_concepts
 
 
 def contexts(concept: str) -> list[tuple[str, str]]:
@@ -29,6 +29,17 @@ def context_prompts(concept: str, n: int, rng: random.Random, exclude: set[str] 
     """A seeded sample of n prompts saying the concept in contexts (see `contexts`), none of `exclude`."""
     prompts = sorted({t.format(a=article(d), d=d) for t, d in contexts(concept)} - exclude)
     return rng.sample(prompts, min(n, len(prompts)))
+
+
+def concept_renders(concept: str, n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """n renders (seeded) showing the concept, its other attributes random, what an attacker would draw, and
+    the caption of each with `{}` for the concept, in the form of `ToyScorer.attack_templates`."""
+    from .render import random_scene, render_batch, to_tensor
+
+    rng = np.random.default_rng(seed)
+    scenes = [random_scene(rng, **{kind_of(concept): concept}) for _ in range(n)]
+    texts = [f"a {s.colour} {{}}" if kind_of(concept) == "shape" else f"a {{}} {s.shape}" for s in scenes]
+    return to_tensor(render_batch(scenes)), texts
 
 
 class ToyScorer:
@@ -67,6 +78,13 @@ class ToyScorer:
                 if concept not in erased:
                     prompts += context_prompts(concept, max(1, n // 4), rng, exclude)
         return prompts
+
+    def attack_templates(self, concept: str) -> list[str]:
+        """Where an attack's tokens stand for the concept: beside each shape (a colour or texture), or after
+        each colour (a shape): "a {} circle" ... "a {} diamond"."""
+        if kind_of(concept) == "shape":
+            return [f"a {c} {{}}" for c in COLOURS]
+        return [f"a {{}} {s}" for s in SHAPES]
 
     def __call__(self, images: torch.Tensor, prompt: str) -> dict[str, float]:
         predicted = self.classifier.predict(images)

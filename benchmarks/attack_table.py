@@ -1,0 +1,222 @@
+"""The attack table: plain esd-lora, robust esd-lora and classic ESD under the same attacks, in one run.
+
+    python benchmarks/attack_table.py [--concepts red star] [--n 32]
+
+For each concept, three erasures of the shipped toy model, all from the concept's kind recipe
+(recipes/toy/colour.yaml for red, shape.yaml for star: every prompt in 16 contexts, the rest of the kind
+preserved), so that they differ only in what is compared:
+- `robust`: the shipped adapter adapters/<concept>_robust (recipes/toy/<concept>_robust.yaml: the kind
+  recipe with an `attack:` section);
+- `plain`: the kind recipe as it is (LoRA, no attacker), trained here;
+- `classic`: classic ESD (`adapter: none`: the esd-x cross-attention weights themselves, Adam) from the
+  kind recipe, trained here at its best lr: for the first concept, each of CLASSIC_LRS is trained and
+  measured by `esd-lora eval` (default prompts, 16 images each), and the lr with the lowest worst-case
+  detection of the concept among those keeping the other concepts at >= 90 % of base wins (the lowest
+  detection if none does); the other concepts use that lr. The chosen run is merged.
+Each is attacked by `esd-lora attack` with the same seeds, images and budgets (400 steps): textual inversion
+at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the prompt search; the robust
+erasure also with settings its training never used (another initial word; two tokens at another lr) and,
+for red, on its merged model, and measured by `esd-lora eval` on held-out prompts (8 per
+concept, 32 images each).
+Runs are cached in build/attack_table/ (a finished run's report is reused; --fresh redoes them); the table goes
+to benchmarks/ATTACK_RESULTS.md after every run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "build" / "attack_table"
+CLASSIC_LRS = ("1e-4", "3e-4", "1e-3")
+OTHER_WORD = {"red": "blue", "star": "circle"}
+KIND_RECIPE = {"red": "recipes/toy/colour.yaml", "star": "recipes/toy/shape.yaml"}
+ATTACKS = {
+    "ti, lr 5e-3": ["--method", "ti", "--lr", "5e-3"],
+    "ti, lr 5e-2": ["--method", "ti", "--lr", "5e-2"],
+    "soft prompt, 4 tokens, lr 1e-2": ["--method", "soft-prompt", "--tokens", "4", "--lr", "1e-2"],
+    "prompt search, 128 prompts": ["--method", "prompts"],
+}
+UNSEEN = {  # attack settings no robust training used
+    "ti from another word": ["--method", "ti", "--lr", "5e-3", "--init", "{other}"],
+    "ti, 2 tokens, lr 1e-2": ["--method", "ti", "--tokens", "2", "--lr", "1e-2"],
+}
+
+
+def esd_lora(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "esd_lora", *args], check=True, cwd=ROOT)
+
+
+def trained(concept: str, name: str, overrides: list[str]) -> Path:
+    """A run of the concept's kind recipe with overrides, trained once (cached)."""
+    run = WORK / concept / name
+    if not (run / "summary.json").exists():
+        esd_lora("train", KIND_RECIPE[concept], f"name={concept}", *overrides, f"output.dir={run}", "--overwrite",
+                 "--quiet")
+    return run
+
+
+def classic_run(concept: str, lr: str) -> Path:
+    return trained(concept, f"classic_lr{lr}", ["adapter=none", "adapter.targets=esd-x", "train.optimizer=adam",
+                                                f"train.lr={lr}"])
+
+
+def classic_sweep(concept: str) -> dict[str, dict]:
+    """Classic ESD at each lr of CLASSIC_LRS: its run folder and its default-prompt erasure figures."""
+    out = {}
+    for lr in CLASSIC_LRS:
+        run = classic_run(concept, lr)
+        if not (run / "eval" / "report.json").exists():
+            esd_lora("merge", str(run), "--out", str(run / "merged"), "--overwrite")
+            esd_lora("eval", "toy", "--erased-model", str(run / "merged"), "--concepts", concept, "--n", "16",
+                     "--held-out", "0", "--out", str(run / "eval"))
+        summary = json.loads((run / "eval" / "report.json").read_text())["summary"]
+        out[lr] = {"run": run, "efficacy": summary["efficacy_max_detection"],
+                   "specificity": summary["specificity_min_ratio"],
+                   "seconds": json.loads((run / "summary.json").read_text())["seconds"]}
+    return out
+
+
+def classic_lr(sweep_concept: str) -> str:
+    """The sweep's best lr (on the first concept)."""
+    sweep = classic_sweep(sweep_concept)
+    kept = [lr for lr, r in sweep.items() if r["specificity"] >= 0.9] or list(sweep)
+    return min(kept, key=lambda lr: sweep[lr]["efficacy"])
+
+
+def classic_model(concept: str, sweep_concept: str) -> Path:
+    """The merged classic ESD model at the sweep's best lr."""
+    run = classic_run(concept, classic_lr(sweep_concept))
+    if not (run / "merged" / "model_index.json").exists():
+        esd_lora("merge", str(run), "--out", str(run / "merged"), "--overwrite")
+    return run / "merged"
+
+
+def robust_merged(concept: str) -> Path:
+    merged = WORK / concept / "robust_merged"
+    if not (merged / "model_index.json").exists():
+        esd_lora("merge", f"adapters/{concept}_robust", "--out", str(merged), "--overwrite")
+    return merged
+
+
+def erasure_args(concept: str, variant: str, sweep_concept: str) -> list[str]:
+    """The `--adapter` / `--erased-model` arguments of one erasure."""
+    if variant == "plain":
+        return ["--adapter", str(trained(concept, "plain", []))]
+    if variant == "robust":
+        return ["--adapter", f"adapters/{concept}_robust"]
+    if variant == "robust, merged":
+        return ["--erased-model", str(robust_merged(concept))]
+    return ["--erased-model", str(classic_model(concept, sweep_concept))]
+
+
+def attack_cell(concept: str, variant: str, name: str, flags: list[str], n: int, sweep_concept: str) -> dict:
+    out = WORK / concept / variant.replace(", ", "_") / name.replace(", ", "_").replace(" ", "_")
+    if not (out / "report.json").exists():
+        started = time.time()
+        esd_lora("attack", "toy", *erasure_args(concept, variant, sweep_concept), "--concept", concept,
+                 *[f.format(other=OTHER_WORD[concept]) for f in flags], "--attack-steps", "400", "--measure-at", "400",
+                 "--n", str(n), "--out", str(out), "--overwrite")
+        print(f"{concept} / {variant} / {name}: {time.time() - started:.0f} s", flush=True)
+    report = json.loads((out / "report.json").read_text())
+    (method, result), = report["attacks"].items()
+    return {"rate": result["rate"], "base_rate": result["base_rate"], "seconds": result["seconds"],
+            "report": str(out.relative_to(ROOT))}
+
+
+def held_out_cell(concept: str, variant: str, n: int, sweep_concept: str) -> dict:
+    out = WORK / concept / variant.replace(", ", "_") / "eval_held_out"
+    if not (out / "report.json").exists():
+        esd_lora("eval", "toy", *erasure_args(concept, variant, sweep_concept), "--concepts", concept, "--n", str(n),
+                 "--held-out", "8", "--out", str(out))
+    s = json.loads((out / "report.json").read_text())["summary_held_out"]
+    return {"efficacy_max": s["efficacy_max_detection"], "efficacy_mean": s["efficacy_mean_detection"],
+            "specificity_min": s["specificity_min_ratio"], "specificity_mean": s["specificity_mean_ratio"]}
+
+
+def sweep_table(concept: str) -> list[str]:
+    chosen = classic_lr(concept)
+    lines = ["## Classic ESD's lr", "", f"Classic ESD on {concept} at each lr, measured on the default prompts (16 "
+             f"images each); lr {chosen} is the one attacked, for every concept.", "",
+             "| lr | concept detected, worst prompt | others kept, worst | training time (s) |", "|---|---|---|---|"]
+    for lr, r in classic_sweep(concept).items():
+        lines.append(f"| {lr} | {r['efficacy']:.0%} | {r['specificity']:.0%} | {r['seconds']:.0f} |")
+    return lines + [""]
+
+
+def table(rows: dict, argv: list[str], sweep_concept: str) -> str:
+    lines = ["# Attacks on toy erasures: plain, robust and classic ESD", "",
+             f"`python benchmarks/attack_table.py {' '.join(argv)}`. Rates are the share of images (32 per prompt, "
+             "8 attack prompts) in which the toy classifier sees the erased concept; in brackets, the same attack "
+             "run against the base model. Every learned attack ran 400 steps.", ""]
+    for concept in dict.fromkeys(k.split("/")[0] for k in rows):
+        variants = list(dict.fromkeys(k.split("/")[1] for k in rows if k.startswith(f"{concept}/")))
+        lines += [f"## {concept}", "", "| attack | " + " | ".join(variants) + " |",
+                  "|---|" + "---|" * len(variants)]
+        names = list(dict.fromkeys(k.split("/")[2] for k in rows if k.startswith(f"{concept}/")))
+        for name in names:
+            cells = []
+            for v in variants:
+                r = rows.get(f"{concept}/{v}/{name}")
+                if r is None:
+                    cells.append("")
+                elif name == "held-out eval":
+                    cells.append(f"{r['efficacy_max']:.0%} worst / {r['efficacy_mean']:.0%} mean; others kept "
+                                 f"{r['specificity_min']:.0%} worst / {r['specificity_mean']:.0%} mean")
+                else:
+                    cells.append(f"{r['rate']:.0%} ({r['base_rate']:.0%})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if any(k.split("/")[1] == "classic" for k in rows):
+        lines += sweep_table(sweep_concept)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concepts", nargs="+", default=["red", "star"])
+    ap.add_argument("--variants", nargs="+", default=["robust", "plain", "classic"])
+    ap.add_argument("--n", type=int, default=32, help="images per prompt")
+    ap.add_argument("--classic-sweep-on", default="red", help="the concept classic ESD's lr is picked on")
+    ap.add_argument("--merged-on", nargs="+", default=["red"], help="concepts whose robust erasure is also "
+                    "attacked merged")
+    ap.add_argument("--classic-concepts", nargs="+", help="the concepts classic ESD is attacked on (default: all)")
+    ap.add_argument("--fresh", action="store_true", help="redo every run")
+    args = ap.parse_args()
+    from esd_lora.io import atomic_write_text
+
+    if args.fresh:
+        shutil.rmtree(WORK, ignore_errors=True)
+    rows: dict[str, dict] = {}
+    argv, sweep = [a for a in sys.argv[1:] if a != "--fresh"], args.classic_sweep_on
+
+    def put(key: str, cell: dict) -> None:
+        rows[key] = cell
+        atomic_write_text(ROOT / "benchmarks" / "ATTACK_RESULTS.md", table(rows, argv, sweep))
+
+    for variant in args.variants:  # the robust erasures first: the issue's bars are theirs
+        for concept in args.concepts:
+            if variant == "classic" and args.classic_concepts and concept not in args.classic_concepts:
+                continue
+            for name, flags in ATTACKS.items():
+                put(f"{concept}/{variant}/{name}", attack_cell(concept, variant, name, flags, args.n, sweep))
+            if variant != "robust":
+                continue
+            for name, flags in UNSEEN.items():
+                put(f"{concept}/robust/{name}", attack_cell(concept, "robust", name, flags, args.n, sweep))
+            put(f"{concept}/robust/held-out eval", held_out_cell(concept, "robust", args.n, sweep))
+            if concept in args.merged_on:
+                put(f"{concept}/robust, merged/ti, lr 5e-3",
+                    attack_cell(concept, "robust, merged", "ti, lr 5e-3", ATTACKS["ti, lr 5e-3"], args.n, sweep))
+    print(table(rows, argv, sweep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from esd_lora.adapter import load_adapters
+from esd_lora.attack import AttackSettings, attack, format_report
+from esd_lora.cli import main
+from esd_lora.errors import EsdLoraError
+from esd_lora.models import load_pipeline
+from esd_lora.sample import generate
+
+
+class RednessScorer:
+    """A stand-in scorer for tiny random models: an image shows "red" when its red channel is its brightest."""
+
+    name = "redness"
+    words = ("red", "blue")
+
+    def concepts(self, prompt):
+        return [w for w in self.words if w in prompt.split()]
+
+    def default_prompts(self, erased):
+        return [f"a {w} shape" for w in self.words]
+
+    def held_out_prompts(self, erased, trained, n, seed):
+        return [f"{t} {w} {s}" for t in ("a", "one") for w in self.words for s in ("star", "circle", "ring")][:n]
+
+    def attack_templates(self, concept):
+        return ["a {} star", "a {} circle"]
+
+    def __call__(self, images, prompt):
+        red = (images[:, 0].mean((1, 2)) > images[:, 1:].mean((1, 2, 3))).float().mean()
+        return {c: float(red) if c == "red" else float(1 - red) for c in self.concepts(prompt)}
+
+
+def settings(**kw):
+    base = dict(concept="red", steps=4, measure_at=[0, 2], batch=2, target_images=4, candidates=12, screen=1, keep=2,
+                n=2, sampling_steps=2)
+    return AttackSettings(**{**base, **kw})
+
+
+def without_times(report):
+    for result in report["attacks"].values():
+        result.pop("seconds")
+        for point in result.get("curve", []):
+            point.pop("seconds")
+    return report
+
+
+def test_every_attack_reports_its_rate_against_compute_and_the_base_under_the_same_attack(tiny_models, tiny_adapters):
+    report, grid, tokens = attack(str(tiny_models["sd1"]), [str(tiny_adapters["red"])], RednessScorer(), settings(),
+                                  progress=False)
+    assert list(report["attacks"]) == ["prompts", "ti", "soft-prompt"]
+    prompts = report["attacks"]["prompts"]
+    assert prompts["tried"] == 6  # the candidates that name red
+    assert len(prompts["worst"]) == 2 and all("red" in w["prompt"] for w in prompts["worst"])
+    assert prompts["rate"] == max(w["erased"] for w in prompts["worst"])
+    for method in ("ti", "soft-prompt"):
+        r = report["attacks"][method]
+        assert [c["step"] for c in r["curve"]] == [0, 2, 4] and r["rate"] == r["curve"][-1]["rate"]
+        assert 0 <= r["base_rate"] <= 1 and len(r["per_prompt"]) == 2
+        assert list(tokens[method]) == [f"<esd-{method}>"] and tokens[method][f"<esd-{method}>"].shape == (1, 16)
+    assert report["attacks"]["ti"]["prompts"] == ["a <esd-ti> star", "a <esd-ti> circle"]
+    assert report["attacks"]["soft-prompt"]["prompts"] == ["<esd-soft-prompt> a red star",
+                                                           "<esd-soft-prompt> a red circle"]
+    assert grid.width > 0 and "| ti | 4 steps" in format_report(report)
+    again, _, _ = attack(str(tiny_models["sd1"]), [str(tiny_adapters["red"])], RednessScorer(), settings(),
+                         progress=False)
+    assert without_times(again) == without_times(report)  # seeded: the same audit twice
+
+
+def test_learned_tokens_load_in_diffusers_and_draw_what_the_attack_measured(tiny_models, tiny_adapters, tmp_path):
+    from safetensors.torch import save_file
+
+    model, adapter = str(tiny_models["sd1"]), str(tiny_adapters["red"])
+    _, _, tokens = attack(model, [adapter], RednessScorer(), settings(methods=["ti"], tokens=2), progress=False)
+    save_file(tokens["ti"], str(tmp_path / "ti.safetensors"))
+    pipe = load_pipeline(model)
+    load_adapters(pipe, [adapter])
+    pipe.load_textual_inversion(str(tmp_path / "ti.safetensors"))
+    loaded = generate(pipe, ["a <esd-ti> star"], [0], steps=2, progress=False)
+    from esd_lora.adversary import LearnedTokens
+
+    pipe = load_pipeline(model)
+    load_adapters(pipe, [adapter])
+    learned = LearnedTokens(pipe, tokens["ti"]["<esd-ti>"], group="ti")
+    assert learned.names == ["<esd-ti>", "<esd-ti>_1"]
+    assert torch.allclose(generate(pipe, [f"a {learned.text} star"], [0], steps=2, progress=False), loaded, atol=1e-5)
+
+
+def test_an_attack_on_the_merged_model_gives_the_rate_of_the_attack_on_the_live_adapter(tiny_models, tiny_adapters,
+                                                                                          tmp_path):
+    from esd_lora.merge import merge
+
+    model, adapter = str(tiny_models["sd1"]), str(tiny_adapters["red"])
+    merged = merge(model, [adapter], tmp_path / "merged")
+    live, _, _ = attack(model, [adapter], RednessScorer(), settings(methods=["ti"]), progress=False)
+    folded, _, _ = attack(model, [], RednessScorer(), settings(methods=["ti"]), erased_model=str(merged),
+                          progress=False)
+    assert folded["erased_model"] == str(merged)
+    assert without_times(folded)["attacks"] == without_times(live)["attacks"]
+
+
+def test_attack_refuses_what_it_cannot_measure(tiny_models, tiny_adapters):
+    with pytest.raises(EsdLoraError, match="cannot detect"):
+        attack(str(tiny_models["sd1"]), [], RednessScorer(), settings(concept="green"), progress=False)
+    with pytest.raises(EsdLoraError, match="SDXL"):
+        attack(str(tiny_models["sdxl"]), [], RednessScorer(), settings(methods=["ti"]), progress=False)
+
+
+def test_attack_command_on_the_toy_writes_the_report_the_grid_and_the_tokens(tmp_path, capsys):
+    out = tmp_path / "audit"
+    args = ["attack", "toy", "--adapter", "adapters/red", "--concept", "red", "--method", "ti", "prompts",
+            "--attack-steps", "2", "--measure-at", "1", "2", "--n", "1", "--candidates", "3", "--steps", "2",
+            "--out", str(out)]
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "report.json", "report.md", "tokens_ti.safetensors"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["attacks"]["prompts"]["tried"] == 3 and report["settings"]["scorer"] == "toy-classifier"
+    assert list(load_file(str(out / "tokens_ti.safetensors"))) == ["<esd-ti>"]
+    assert "# Attack report" in capsys.readouterr().out
+    assert main(args) == 2  # not over the first audit without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args[:-2], "--measure-at", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "--measure-at" in capsys.readouterr().err and not (tmp_path / "x").exists()
