@@ -149,6 +149,18 @@ def sweep_table(concept: str) -> list[str]:
     return lines + [""]
 
 
+def training_times(concept: str, steps: int) -> dict[str, float]:
+    """Wall time of `esd-lora train` (start-up included) for the kind recipe and the robust recipe at `steps`
+    steps, back to back (run it alone on the machine: the ratio is the robust erasure's cost)."""
+    out = {}
+    for name, recipe in (("plain", KIND_RECIPE[concept]), ("robust", f"recipes/toy/{concept}_robust.yaml")):
+        started = time.time()
+        esd_lora("train", recipe, f"name={concept}", f"train.steps={steps}",
+                 f"output.dir={WORK / concept / ('time_' + name)}", "--overwrite", "--quiet")
+        out[name] = round(time.time() - started, 1)
+    return out
+
+
 def table(rows: dict, argv: list[str], sweep_concept: str) -> str:
     lines = ["# Attacks on toy erasures: plain, robust and classic ESD", "",
              f"`python benchmarks/attack_table.py {' '.join(argv)}`. Rates are the share of images (32 per prompt, "
@@ -185,13 +197,23 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["robust", "plain", "classic"])
     ap.add_argument("--n", type=int, default=32, help="images per prompt")
     ap.add_argument("--classic-sweep-on", default="red", help="the concept classic ESD's lr is picked on")
+    ap.add_argument("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS),
+                    help="the attacks every erasure gets (default: all)")
     ap.add_argument("--merged-on", nargs="+", default=["red"], help="concepts whose robust erasure is also "
                     "attacked merged")
     ap.add_argument("--classic-concepts", nargs="+", help="the concepts classic ESD is attacked on (default: all)")
     ap.add_argument("--fresh", action="store_true", help="redo every run")
+    ap.add_argument("--time", type=int, metavar="STEPS",
+                    help="only time the plain and robust recipes' training at this many steps")
     args = ap.parse_args()
     from esd_lora.io import atomic_write_text
 
+    if args.time:
+        for concept in args.concepts:
+            times = training_times(concept, args.time)
+            print(f"{concept}: plain {times['plain']} s, robust {times['robust']} s, ratio "
+                  f"{times['robust'] / times['plain']:.2f}")
+        return
     if args.fresh:
         shutil.rmtree(WORK, ignore_errors=True)
     rows: dict[str, dict] = {}
@@ -205,8 +227,8 @@ def main() -> None:
         for concept in args.concepts:
             if variant == "classic" and args.classic_concepts and concept not in args.classic_concepts:
                 continue
-            for name, flags in ATTACKS.items():
-                put(f"{concept}/{variant}/{name}", attack_cell(concept, variant, name, flags, args.n, sweep))
+            for name in args.attacks:
+                put(f"{concept}/{variant}/{name}", attack_cell(concept, variant, name, ATTACKS[name], args.n, sweep))
             if variant != "robust":
                 continue
             for name, flags in UNSEEN.items():

@@ -22,7 +22,6 @@ from .errors import EsdLoraError
 from .models import family
 
 
-
 def check_single_encoder(pipe, what: str) -> None:
     """Learned tokens go into one text encoder; SDXL's two are not handled yet."""
     if family(pipe) == "sdxl":
