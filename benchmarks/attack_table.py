@@ -48,7 +48,16 @@ UNSEEN = {  # attack settings no robust training used
 }
 
 
+TABLE_ONLY = False  # --table-only: run nothing, tabulate the runs already in WORK
+
+
+class NotRun(Exception):
+    """A run that --table-only skips."""
+
+
 def esd_lora(*args: str) -> None:
+    if TABLE_ONLY:
+        raise NotRun(args[0])
     subprocess.run([sys.executable, "-m", "esd_lora", *args], check=True, cwd=ROOT)
 
 
@@ -165,7 +174,9 @@ def table(rows: dict, argv: list[str], sweep_concept: str) -> str:
     lines = ["# Attacks on toy erasures: plain, robust and classic ESD", "",
              f"`python benchmarks/attack_table.py {' '.join(argv)}`. Rates are the share of images (32 per prompt, "
              "8 attack prompts) in which the toy classifier sees the erased concept; in brackets, the same attack "
-             "run against the base model. Every learned attack ran 400 steps.", ""]
+             "run against the base model. Every learned attack ran 400 steps."
+             + (" `--table-only` tabulates the runs this script made before (in build/attack_table/), in parts; an "
+                "empty cell was not run." if "--table-only" in argv else ""), ""]
     for concept in dict.fromkeys(k.split("/")[0] for k in rows):
         variants = list(dict.fromkeys(k.split("/")[1] for k in rows if k.startswith(f"{concept}/")))
         lines += [f"## {concept}", "", "| attack | " + " | ".join(variants) + " |",
@@ -203,11 +214,14 @@ def main() -> None:
                     "attacked merged")
     ap.add_argument("--classic-concepts", nargs="+", help="the concepts classic ESD is attacked on (default: all)")
     ap.add_argument("--fresh", action="store_true", help="redo every run")
+    ap.add_argument("--table-only", action="store_true", help="run nothing: tabulate the finished runs")
     ap.add_argument("--time", type=int, metavar="STEPS",
                     help="only time the plain and robust recipes' training at this many steps")
     args = ap.parse_args()
     from esd_lora.io import atomic_write_text
 
+    global TABLE_ONLY
+    TABLE_ONLY = args.table_only
     if args.time:
         for concept in args.concepts:
             times = training_times(concept, args.time)
@@ -219,8 +233,11 @@ def main() -> None:
     rows: dict[str, dict] = {}
     argv, sweep = [a for a in sys.argv[1:] if a != "--fresh"], args.classic_sweep_on
 
-    def put(key: str, cell: dict) -> None:
-        rows[key] = cell
+    def put(key: str, cell) -> None:
+        try:
+            rows[key] = cell()
+        except NotRun:
+            return
         atomic_write_text(ROOT / "benchmarks" / "ATTACK_RESULTS.md", table(rows, argv, sweep))
 
     for variant in args.variants:  # the robust erasures first: the issue's bars are theirs
@@ -228,15 +245,16 @@ def main() -> None:
             if variant == "classic" and args.classic_concepts and concept not in args.classic_concepts:
                 continue
             for name in args.attacks:
-                put(f"{concept}/{variant}/{name}", attack_cell(concept, variant, name, ATTACKS[name], args.n, sweep))
+                put(f"{concept}/{variant}/{name}",
+                    lambda: attack_cell(concept, variant, name, ATTACKS[name], args.n, sweep))
             if variant != "robust":
                 continue
             for name, flags in UNSEEN.items():
-                put(f"{concept}/robust/{name}", attack_cell(concept, "robust", name, flags, args.n, sweep))
-            put(f"{concept}/robust/held-out eval", held_out_cell(concept, "robust", args.n, sweep))
+                put(f"{concept}/robust/{name}", lambda: attack_cell(concept, "robust", name, flags, args.n, sweep))
+            put(f"{concept}/robust/held-out eval", lambda: held_out_cell(concept, "robust", args.n, sweep))
             if concept in args.merged_on:
-                put(f"{concept}/robust, merged/ti, lr 5e-3",
-                    attack_cell(concept, "robust, merged", "ti, lr 5e-3", ATTACKS["ti, lr 5e-3"], args.n, sweep))
+                put(f"{concept}/robust, merged/ti, lr 5e-3", lambda: attack_cell(
+                    concept, "robust, merged", "ti, lr 5e-3", ATTACKS["ti, lr 5e-3"], args.n, sweep))
     print(table(rows, argv, sweep))
 
 
