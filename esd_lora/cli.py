@@ -315,8 +315,8 @@ def _add_attack(sub) -> None:
     a.add_argument("--measure-at", type=number(int, 0, 1_000_000), nargs="+",
                    help="steps at which the rate is measured, 0 before any (default: 0, 1/8, 1/4 and 1/2 of "
                         "--attack-steps; the last step always)")
-    a.add_argument("--images", help="ti: a folder of images of the concept (default: the model's renders, "
-                                    "else the base model's samples)")
+    a.add_argument("--images", help="ti / soft-prompt: a folder of images of the concept to fit the tokens to "
+                                    "(default: ti, the model's renders where it has them; else the base's samples)")
     a.add_argument("--prompts", help="prompts: a file of candidate prompts (default: the scorer's held-out prompts)")
     a.add_argument("--candidates", type=number(int, 1, 100_000), default=128,
                    help="prompts: how many of the scorer's prompts to try (default 128)")
