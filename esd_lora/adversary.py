@@ -79,15 +79,16 @@ class LearnedTokens:
         return encoder(ids, attention_mask=mask)[0]
 
 
-def word_embeddings(pipe, words: list[str]) -> torch.Tensor:
-    """The input embeddings of words, one row each (a word of several tokens: their mean)."""
+def word_embeddings(pipe, words: list[str], what: str = "--init") -> torch.Tensor:
+    """The input embeddings of words, one row each (a word of several tokens: their mean); `what` names the
+    setting the words came from, for the error."""
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
     rows = []
     for word in words:
         ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
         known = [i for i in ids if i != pipe.tokenizer.unk_token_id]
         if not known:
-            raise EsdLoraError(f"--init: the tokenizer does not know {word!r}")
+            raise EsdLoraError(f"{what}: the tokenizer does not know {word!r}")
         rows.append(table[known].float().mean(0))
     return torch.stack(rows)
 
@@ -166,7 +167,8 @@ class Adversary:
                  seed: int) -> None:
         self.section, self.x0 = section, x0
         if method == "ti":
-            self.init = word_embeddings(pipe, [section.init or init_word] * section.tokens)
+            self.init = word_embeddings(pipe, [section.init or init_word] * section.tokens,
+                                        "attack.init" if section.init else "attack.init (default: concept.prompts[0])")
         else:
             self.init = random_embeddings(pipe, section.tokens, seed)
         self.tokens = LearnedTokens(pipe, self.init, group=f"robust-{method}")

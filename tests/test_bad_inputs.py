@@ -299,6 +299,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
                               "--out", "{root}/s"], "concept.prompts"),
         ("stack-preserve-missing", ["stack", "{adapter}", "--strategy", "fuse", "--base", "{model}", "--out",
                                     "{root}/s", "--preserve", "{root}/none.txt"], "--preserve"),
+        ("train-attack-init-unknown", ["train", "{recipes}/good.yaml", "attack.methods=[ti]", "attack.init=zzz",
+                                       "attack.images=1"], "attack.init"),
         ("attack-no-scorer", ["attack", "{model}", "--concept", "red", "--out", "{root}/a"], "--clip"),
         ("attack-unknown-concept", ["attack", "toy", "--concept", "magenta", "--out", "{root}/a"], "magenta"),
         ("attack-unknown-method", ["attack", "toy", "--concept", "red", "--method", "gcg", "--out", "{root}/a"],
