@@ -18,8 +18,11 @@ at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the 
 erasure also with settings its training never used (another initial word; two tokens at another lr) and,
 for red, on its merged model, and measured by `esd-lora eval` on held-out prompts (8 per
 concept, 32 images each).
+`--variants "robust, esd-u" "robust, text encoder"` compares the modules the robust recipe trains: the same
+recipe with LoRA on everything but cross-attention (esd-u) instead of its K/V, or on its K/V and on every
+projection of the text encoder.
 Runs are cached in build/attack_table/ (a finished run's report is reused; --fresh redoes them); the table goes
-to benchmarks/ATTACK_RESULTS.md after every run.
+to benchmarks/ATTACK_RESULTS.md (or `--out`) after every run.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ UNSEEN = {  # attack settings no robust training used
 }
 
 
+MODULES = {  # the robust recipe with other trained modules than cross-attention K/V (esd-x-strict)
+    "robust, esd-u": ["adapter.targets=esd-u"],
+    "robust, text encoder": ["adapter.text_encoder=all"],  # on K/V as well
+}
+
+
 TABLE_ONLY = False  # --table-only: run nothing, tabulate the runs already in WORK
 
 
@@ -61,12 +70,12 @@ def esd_lora(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "esd_lora", *args], check=True, cwd=ROOT)
 
 
-def trained(concept: str, name: str, overrides: list[str]) -> Path:
-    """A run of the concept's kind recipe with overrides, trained once (cached)."""
+def trained(concept: str, name: str, overrides: list[str], recipe: str | None = None) -> Path:
+    """A run of the concept's kind recipe (or `recipe`) with overrides, trained once (cached)."""
     run = WORK / concept / name
     if not (run / "summary.json").exists():
-        esd_lora("train", KIND_RECIPE[concept], f"name={concept}", *overrides, f"output.dir={run}", "--overwrite",
-                 "--quiet")
+        esd_lora("train", recipe or KIND_RECIPE[concept], f"name={concept}", *overrides, f"output.dir={run}",
+                 "--overwrite", "--quiet")
     return run
 
 
@@ -121,6 +130,9 @@ def erasure_args(concept: str, variant: str, sweep_concept: str) -> list[str]:
         return ["--adapter", f"adapters/{concept}_robust"]
     if variant == "robust, merged":
         return ["--erased-model", str(robust_merged(concept))]
+    if variant in MODULES:
+        return ["--adapter", str(trained(concept, variant.replace(", ", "_").replace(" ", "_"), MODULES[variant],
+                                         f"recipes/toy/{concept}_robust.yaml"))]
     return ["--erased-model", str(classic_model(concept, sweep_concept))]
 
 
@@ -210,9 +222,10 @@ def main() -> None:
     ap.add_argument("--classic-sweep-on", default="red", help="the concept classic ESD's lr is picked on")
     ap.add_argument("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS),
                     help="the attacks every erasure gets (default: all)")
-    ap.add_argument("--merged-on", nargs="+", default=["red"], help="concepts whose robust erasure is also "
+    ap.add_argument("--merged-on", nargs="*", default=["red"], help="concepts whose robust erasure is also "
                     "attacked merged")
     ap.add_argument("--classic-concepts", nargs="+", help="the concepts classic ESD is attacked on (default: all)")
+    ap.add_argument("--out", default="benchmarks/ATTACK_RESULTS.md", help="where the table goes")
     ap.add_argument("--fresh", action="store_true", help="redo every run")
     ap.add_argument("--table-only", action="store_true", help="run nothing: tabulate the finished runs")
     ap.add_argument("--time", type=int, metavar="STEPS",
@@ -238,7 +251,7 @@ def main() -> None:
             rows[key] = cell()
         except NotRun:
             return
-        atomic_write_text(ROOT / "benchmarks" / "ATTACK_RESULTS.md", table(rows, argv, sweep))
+        atomic_write_text(ROOT / args.out, table(rows, argv, sweep))
 
     for variant in args.variants:  # the robust erasures first: the issue's bars are theirs
         for concept in args.concepts:
@@ -247,6 +260,8 @@ def main() -> None:
             for name in args.attacks:
                 put(f"{concept}/{variant}/{name}",
                     lambda: attack_cell(concept, variant, name, ATTACKS[name], args.n, sweep))
+            if variant in MODULES:
+                put(f"{concept}/{variant}/held-out eval", lambda: held_out_cell(concept, variant, args.n, sweep))
             if variant != "robust":
                 continue
             for name, flags in UNSEEN.items():

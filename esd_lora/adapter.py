@@ -29,33 +29,51 @@ PRESETS: dict[str, str] = {
     "esd-u": r"(?!.*attn2\.)(?!time_embedding\.)(?!add_embedding\.)(?!conv_out$).*",
     "esd-all": r".*",
 }
+TEXT_PRESETS: dict[str, str] = {  # CLIP text encoder layers (adapter.text_encoder)
+    "attn": r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+    "mlp": r".*mlp\.(fc1|fc2)",
+    "all": r".*(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))",
+}
 TRAINABLE_TYPES = (nn.Linear, nn.Conv2d)
+TEXT_PREFIX = "text_encoder."  # diffusers' prefix of text-encoder LoRA keys
 
 
-def select_modules(unet: nn.Module, targets: str | list[str]) -> list[str]:
+def select_modules(model: nn.Module, targets: str | list[str], presets: dict[str, str] = PRESETS,
+                   key: str = "adapter.targets", what: str = "UNet") -> list[str]:
     """Full names of the Linear/Conv2d layers a preset, a regex (full match) or a list of names selects.
 
     List entries match a layer's full name or its dotted suffix (`attn2.to_k`).
     """
-    names = [name for name, module in unet.named_modules() if isinstance(module, TRAINABLE_TYPES)]
+    names = [name for name, module in model.named_modules() if isinstance(module, TRAINABLE_TYPES)]
     if isinstance(targets, str):
-        pattern = PRESETS.get(targets, targets)
+        pattern = presets.get(targets, targets)
         try:
             regex = re.compile(pattern)
         except re.error as err:
-            raise TargetError(f"adapter.targets: {targets!r} is neither a preset ({', '.join(PRESETS)}) "
+            raise TargetError(f"{key}: {targets!r} is neither a preset ({', '.join(presets)}) "
                               f"nor a valid regex ({err})") from None
         chosen = [n for n in names if regex.fullmatch(n)]
         if not chosen:
-            raise TargetError(f"adapter.targets: {targets!r} selects no Linear or Conv2d layer of this UNet")
+            raise TargetError(f"{key}: {targets!r} selects no Linear or Conv2d layer of this {what}")
         return chosen
     chosen = []
     for entry in targets:
         hits = [n for n in names if n == entry or n.endswith("." + entry)]
         if not hits:
-            raise TargetError(f"adapter.targets: {entry!r} matches no Linear or Conv2d layer of this UNet")
+            raise TargetError(f"{key}: {entry!r} matches no Linear or Conv2d layer of this {what}")
         chosen += [h for h in hits if h not in chosen]
     return chosen
+
+
+def select_text_modules(pipe, targets: str | list[str]) -> list[str]:
+    """The text encoder's layers `adapter.text_encoder` selects (none when it is empty); single-encoder
+    models only."""
+    if not targets:
+        return []
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        raise TargetError("adapter.text_encoder: adapting the text encoder is supported for single-text-encoder "
+                          "models (SD 1.x, 2.x); this model has two")
+    return select_modules(pipe.text_encoder, targets, TEXT_PRESETS, "adapter.text_encoder", "text encoder")
 
 
 def lora_config(rank: int, alpha: float, dropout: float, init: str, modules: list[str]):
@@ -68,17 +86,31 @@ def lora_config(rank: int, alpha: float, dropout: float, init: str, modules: lis
     )
 
 
-def save_lora(unet: nn.Module, path: str | Path, metadata: dict[str, str]) -> None:
-    """Write the adapter in diffusers' LoRA format (`unet.`-prefixed PEFT keys, config in the header)."""
+def lora_state(model: nn.Module, prefix: str, inner: str = "") -> tuple[dict[str, torch.Tensor], dict]:
+    """A model's adapter tensors and LoRA config, keyed as diffusers' LoRA files key them (`prefix`, then
+    `inner` before each tensor name)."""
     from peft.utils import get_peft_model_state_dict
 
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    config = model.peft_config[ADAPTER_NAME].to_dict()
+    config = {f"{prefix}{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    return {f"{prefix}{inner}{k}": v.detach().float().contiguous().cpu() for k, v in state.items()}, config
+
+
+def save_lora(unet: nn.Module, path: str | Path, metadata: dict[str, str], text_encoder: nn.Module | None = None) -> None:
+    """Write the adapter in diffusers' LoRA format (`unet.`-prefixed PEFT keys, config in the header), with the
+    text encoder's adapter under `text_encoder.` when there is one. Text-encoder keys always say
+    `text_model.` as CLIP's classic layout does (diffusers drops it for a transformers version whose CLIP
+    has no such level), so that every reader finds them."""
     from .io import atomic_save_safetensors
 
-    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    config = unet.peft_config[ADAPTER_NAME].to_dict()
-    config = {f"unet.{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    tensors, config = lora_state(unet, "unet.")
+    if text_encoder is not None:
+        inner = "" if hasattr(text_encoder, "text_model") else "text_model."
+        te_tensors, te_config = lora_state(text_encoder, TEXT_PREFIX, inner)
+        tensors.update(te_tensors)
+        config.update(te_config)
     header = {"format": "pt", LORA_METADATA_KEY: json.dumps(config, sort_keys=True), **metadata}
-    tensors = {f"unet.{k}": v.detach().float().contiguous().cpu() for k, v in state.items()}
     atomic_save_safetensors(tensors, path, metadata=header)
 
 
@@ -125,14 +157,54 @@ def preserve_prompts(path: str | Path, record: AdapterProvenance) -> list[str]:
     return load_recipe(recipe).concept.preserve
 
 
+def add_text_lora(text_encoder: nn.Module, config, name: str = ADAPTER_NAME) -> None:
+    """PEFT LoRA layers in the text encoder, through PEFT itself (transformers' own adapter hooks ask for a
+    newer PEFT than this stack runs); the config is kept where PEFT's state-dict helpers read it."""
+    from peft import inject_adapter_in_model
+
+    configs = text_encoder.__dict__.pop("peft_config", {})  # PEFT warns of a config it did not put there
+    inject_adapter_in_model(config, text_encoder, adapter_name=name)
+    text_encoder.peft_config = {**configs, name: config}
+
+
+def _load_text_encoder_lora(pipe, path: str | Path, file: Path, name: str) -> bool:
+    """Load the adapter's text-encoder part, if it has one, under `name`; returns whether it had one."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    inner = "" if hasattr(pipe.text_encoder, "text_model") else "text_model."
+    tensors = {k.removeprefix(TEXT_PREFIX).removeprefix(inner): v for k, v in load_file(str(file)).items()
+               if k.startswith(TEXT_PREFIX)}
+    if not tensors:
+        return False
+    if pipe.text_encoder is None or getattr(pipe, "text_encoder_2", None) is not None:
+        raise AdapterError(f"adapter {path}: it adapts a text encoder; this model's text encoders do not fit it")
+    config = {k.removeprefix(TEXT_PREFIX): v for k, v in json.loads(read_metadata(file)[LORA_METADATA_KEY]).items()
+              if k.startswith(TEXT_PREFIX)}
+    try:
+        add_text_lora(pipe.text_encoder, LoraConfig(**config), name)
+    except (TypeError, ValueError) as err:
+        raise AdapterError(f"adapter {path}: its text-encoder LoRA config does not fit this model ({reason(err)})") from None
+    result = set_peft_model_state_dict(pipe.text_encoder, tensors, adapter_name=name)
+    if result.unexpected_keys:
+        raise AdapterError(f"adapter {path}: text-encoder tensors this model has no layer for "
+                           f"({result.unexpected_keys[0]})")
+    pipe.text_encoder.to(pipe.text_encoder.device, pipe.text_encoder.dtype)  # the LoRA layers where the encoder is
+    return True
+
+
 def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = None,
                   base: BaseIdentity | None = None) -> list[str]:
-    """Load LoRA adapters into the pipeline's UNet and activate them together, after checking that each
-    was trained for this base (`base`, when the caller has hashed it already)."""
+    """Load LoRA adapters into the pipeline's UNet (and text encoder, for those that adapt it) and activate
+    them together, after checking that each was trained for this base (`base`, when the caller has hashed
+    it already)."""
+    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
     if not paths:
         return []
     base = base or base_identity(pipe)
-    names = []
+    weights = weights or [1.0] * len(paths)
+    names, text = [], []
     for i, path in enumerate(paths):
         file = adapter_file(path)
         check_adapter(path, adapter_provenance(file), base)
@@ -141,5 +213,23 @@ def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = N
         name = f"erase_{i}"
         pipe.unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name=name)
         names.append(name)
-    pipe.unet.set_adapters(names, weights=weights or [1.0] * len(names))
+        if _load_text_encoder_lora(pipe, path, file, name):
+            text.append(i)
+    pipe.unet.set_adapters(names, weights=weights)
+    if text:
+        set_weights_and_activate_adapters(pipe.text_encoder, [names[i] for i in text], [weights[i] for i in text])
     return names
+
+
+def fuse_loaded(pipe, names: list[str]) -> None:
+    """Fold loaded adapters into the UNet's and the text encoder's weights and drop the LoRA layers."""
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    text = [n for n in names if n in getattr(pipe.text_encoder, "peft_config", {})]
+    pipe.unet.fuse_lora(adapter_names=names)
+    pipe.unet.unload_lora()
+    if text:
+        fuse_text_encoder_lora(pipe.text_encoder, adapter_names=text)
+        recurse_remove_peft_layers(pipe.text_encoder)
+        del pipe.text_encoder.peft_config

@@ -184,10 +184,11 @@ class Adversary:
                 self.tokens.vectors.copy_(self.init)
         self.fit.run(self.tokens, unet, scheduler, self.x0, self.section.steps, generator)
 
-    @torch.no_grad()
-    def conditions(self, count: int, rng: random.Random) -> dict:
-        """UNet keyword arguments for `count` of the tokens' prompts, picked at random."""
-        return {"encoder_hidden_states": self.tokens.encode([rng.choice(self.prompts) for _ in range(count)])}
+    def conditions(self, count: int, rng: random.Random, grad: bool = False) -> dict:
+        """UNet keyword arguments for `count` of the tokens' prompts, picked at random; differentiable (`grad`)
+        when the erasure trains the text encoder, which then learns to disarm the tokens too."""
+        with torch.set_grad_enabled(grad):
+            return {"encoder_hidden_states": self.tokens.encode([rng.choice(self.prompts) for _ in range(count)])}
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.tokens.state()

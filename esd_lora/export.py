@@ -275,7 +275,12 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya", overwr
         raise ExportError(f"unknown export format {fmt!r} (choose diffusers or kohya)")
     if config.get("alpha_pattern") or config.get("rank_pattern") or config.get("use_rslora"):
         raise ExportError("kohya export needs one rank and one alpha for every layer")
+    text = {k.removeprefix("text_encoder."): v for k, v in config.items() if k.startswith("text_encoder.")}
+    if text and (text.get("r"), text.get("lora_alpha")) != (config.get("r"), config.get("lora_alpha")):
+        raise ExportError("kohya export needs the same rank and alpha in the UNet and the text encoder")
     kohya = convert_state_dict_to_kohya(tensors)
+    if record.base_family in ("sd1", "sd2"):  # kohya names an SD 1/2 text encoder lora_te_, SDXL's two lora_te1/2_
+        kohya = {re.sub(r"^lora_te1_", "lora_te_", k): v for k, v in kohya.items()}
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     for key in [k for k in kohya if k.endswith(".alpha")]:
         kohya[key] = torch.tensor(alpha)  # diffusers writes alpha = rank; keep the trained scale

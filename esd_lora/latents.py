@@ -58,6 +58,7 @@ class GuidedRuns:
     def prompts_of(self, picks: list[int]) -> list[str]:
         return [self.prompts[i] for i in picks[:self.batch]] + [self.own_preserve[j] for j in picks[self.batch:]]
 
+    @torch.no_grad()
     def run(self, unet, picks: list[int], stop: int, generator: torch.Generator) -> torch.Tensor:
         """Every latent of `stop` guided steps (entry k: after k steps), for each picked prompt."""
         return sample_trajectory(unet, self.scheduler, self.conditioner(self.prompts_of(picks)),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .adapter import CLASSIC_WEIGHTS_NAME, AdapterError, adapter_file, adapter_provenance, load_adapters
+from .adapter import CLASSIC_WEIGHTS_NAME, AdapterError, adapter_file, adapter_provenance, fuse_loaded, load_adapters
 from .errors import ExportError
 from .export import check_single_file, save_single_file
 from .io import atomic_dir, atomic_path, atomic_save_safetensors, check_output
@@ -58,7 +58,8 @@ def check_adapters(adapters: list[str | Path], base: BaseIdentity) -> list[Folde
 
 def apply_adapters(pipe, adapters: list[str | Path], weights: list[float] | None = None,
                    base: BaseIdentity | None = None) -> list[Folded]:
-    """Add each adapter's weight delta (times its weight) to the UNet, in place: the exact sum, no cross terms."""
+    """Add each adapter's weight delta (times its weight) to the UNet and, for adapters that have one, to the
+    text encoder, in place: the exact sum, no cross terms."""
     from safetensors.torch import load_file
 
     weights = weights or [1.0] * len(adapters)
@@ -70,9 +71,7 @@ def apply_adapters(pipe, adapters: list[str | Path], weights: list[float] | None
     classic = [(f.file, w) for f, w in zip(folded, weights) if f.file.name == CLASSIC_WEIGHTS_NAME]
     original = {k: v.clone() for k, v in pipe.unet.state_dict().items()} if classic else {}
     if lora:
-        names = load_adapters(pipe, [a for a, _ in lora], [w for _, w in lora], base)
-        pipe.unet.fuse_lora(adapter_names=names)
-        pipe.unet.unload_lora()
+        fuse_loaded(pipe, load_adapters(pipe, [a for a, _ in lora], [w for _, w in lora], base))
     state = pipe.unet.state_dict()
     for file, weight in classic:
         with torch.no_grad():

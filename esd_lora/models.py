@@ -108,18 +108,18 @@ def load_pipeline(model: str = TOY, dtype: str | torch.dtype = "fp32", revision:
 class Conditioner:
     """Text conditioning for SD 1.x/2.x and SDXL, computed once per prompt and cached.
 
-    The text encoders stay frozen during erasure, so a prompt's embedding never changes.
+    A frozen text encoder never changes a prompt's embedding, so it is cached. When the erasure adapts the
+    text encoder too (`cache=False`), every call encodes again, differentiably where gradients are on.
     SDXL adds pooled text embeddings and size/crop ids; for the empty prompt it uses zeros when the
     model is configured so (`force_zeros_for_empty_prompt`), exactly as its pipeline samples.
     """
 
-    def __init__(self, pipe, device: str | torch.device, dtype: torch.dtype) -> None:
-        self.pipe, self.device, self.dtype = pipe, device, dtype
+    def __init__(self, pipe, device: str | torch.device, dtype: torch.dtype, cache: bool = True) -> None:
+        self.pipe, self.device, self.dtype, self.use_cache = pipe, device, dtype, cache
         self.sdxl = family(pipe) == "sdxl"
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    @torch.no_grad()
-    def _encode(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(self, prompt: str | list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.sdxl:
             embeds, _ = self.pipe.encode_prompt(prompt, self.device, 1, do_classifier_free_guidance=False)
             return embeds.to(self.dtype), None
@@ -131,9 +131,12 @@ class Conditioner:
 
     def __call__(self, prompts: list[str]) -> dict:
         """UNet keyword arguments (encoder_hidden_states, added_cond_kwargs) for a batch of prompts."""
+        if not self.use_cache:  # single-encoder models only (select_text_modules)
+            return {"encoder_hidden_states": self._encode(list(prompts))[0]}
         for p in prompts:
             if p not in self.cache:
-                self.cache[p] = self._encode(p)
+                with torch.no_grad():
+                    self.cache[p] = self._encode(p)
         embeds = torch.cat([self.cache[p][0] for p in prompts])
         if not self.sdxl:
             return {"encoder_hidden_states": embeds}

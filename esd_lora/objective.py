@@ -51,13 +51,19 @@ def frozen_predictions(frozen, scheduler, latents: list[torch.Tensor], t: torch.
 
 
 @contextmanager
-def adapters_off(unet):
-    """The frozen teacher: the same UNet with its LoRA adapters disabled (no second copy in memory)."""
-    unet.disable_adapters()
+def adapters_off(unet, text_encoder=None):
+    """The frozen teacher: the same UNet (and text encoder, when it is adapted too) with its LoRA adapters
+    disabled (no second copy in memory); yields the UNet."""
+    from diffusers.utils.peft_utils import set_adapter_layers
+
+    models = [m for m in (unet, text_encoder) if m is not None]
+    for model in models:
+        set_adapter_layers(model, enabled=False)
     try:
         yield unet
     finally:
-        unet.enable_adapters()
+        for model in models:
+            set_adapter_layers(model, enabled=True)
 
 
 @dataclass
@@ -72,31 +78,31 @@ class EsdStep:
     scheduler: Any
     batch: int
 
-    def conditions(self, latents: LatentBatch, rng: random.Random) -> tuple[list[torch.Tensor], list[dict]]:
-        """Latent and condition batches: the concept, its neutral prompt, then (if any) the preserve prompts."""
+    def batches(self, latents: LatentBatch, rng: random.Random) -> tuple[list[torch.Tensor], list[list[str]]]:
+        """Latent and prompt batches: the concept, its neutral prompt, then (if any) the preserve prompts."""
         c, b = self.concept, self.batch
         x_t, picks = latents.x[:b], latents.picks[:b]
         neutral = [c.subject(i) for i in picks] if c.erase_from else [""] * b
-        xs = [x_t, x_t]
-        conds = [self.conditioner([c.prompts[i] for i in picks]), self.conditioner(neutral)]
+        xs, prompts = [x_t, x_t], [[c.prompts[i] for i in picks], neutral]
         if c.preserve:
             own = c.preserve_on == "own"
             kept = latents.picks[b:] if own else [rng.randrange(len(c.preserve)) for _ in range(b)]
             xs.append(latents.x[b:] if own else x_t)
-            conds.append(self.conditioner([c.preserve[j] for j in kept]))
-        return xs, conds
+            prompts.append([c.preserve[j] for j in kept])
+        return xs, prompts
 
     def loss(self, student, teacher: Callable[[], AbstractContextManager], latents: LatentBatch, t: torch.Tensor,
              rng: random.Random, autocast: Callable[[], AbstractContextManager], adversarial: list[dict] = (),
              adversarial_weight: float = 1.0) -> torch.Tensor:
         """The step's loss. `adversarial` (robust erasure): condition batches of attackers' prompts, whose
         predictions on the concept's latents are pulled to the concept's target as well."""
-        xs, conds = self.conditions(latents, rng)
-        with teacher() as frozen:
-            preds = frozen_predictions(frozen, self.scheduler, xs, t, conds)
+        xs, prompts = self.batches(latents, rng)
+        with teacher() as frozen, torch.no_grad():
+            preds = frozen_predictions(frozen, self.scheduler, xs, t, [self.conditioner(p) for p in prompts])
         target = esd_target(preds[0], preds[1], self.concept.eta)
         rows = [0, 2] if self.concept.preserve else [0]  # the concept's and the preserve prompts' predictions
-        student_xs, student_conds = [xs[i] for i in rows], [conds[i] for i in rows]
+        # the student's conditions: through the text encoder's adapter when it has one (else the same, cached)
+        student_xs, student_conds = [xs[i] for i in rows], [self.conditioner(prompts[i]) for i in rows]
         student_xs += [xs[0]] * len(adversarial)
         student_conds += adversarial
         with autocast():

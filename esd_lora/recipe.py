@@ -71,7 +71,11 @@ class ConceptSection:
 
 @dataclass
 class AdapterSection:
-    """kind `lora` trains a PEFT LoRA adapter; `none` trains the selected weights directly (classic ESD)."""
+    """kind `lora` trains a PEFT LoRA adapter; `none` trains the selected weights directly (classic ESD).
+
+    targets: the UNet's layers. text_encoder: the text encoder's layers to adapt as well (a preset `attn`,
+    `mlp` or `all`, a regex or a list; empty: none), with the same rank and alpha: the erasure can then
+    change what the concept's words mean before the UNet reads them, where a learned token enters too."""
 
     kind: Literal["lora", "none"] = "lora"
     rank: int = 4
@@ -79,6 +83,7 @@ class AdapterSection:
     dropout: float = 0.0
     init: Literal["default", "gaussian"] = "default"
     targets: str | list[str] = "esd-x"
+    text_encoder: str | list[str] = ""
 
 
 @dataclass
@@ -288,6 +293,8 @@ def _check(recipe: Recipe) -> None:
         ("attack.images", 1 <= recipe.attack.images <= 100_000, "must be in [1, 1e5]"),
         ("attack.weight", 0 <= recipe.attack.weight <= 1e6, "must be in [0, 1e6]"),
     ]
+    if a.text_encoder and a.kind != "lora":
+        rules.append(("adapter.text_encoder", False, "a text-encoder adapter needs adapter.kind lora"))
     if any(c.count("{}") != 1 for c in recipe.concept.contexts):
         rules.append(("concept.contexts", False, "each context needs exactly one {} where the prompt goes"))
     if any(c.count("{}") != 1 for c in recipe.attack.templates):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapters, preserve_prompts
+from .adapter import fuse_loaded, load_adapters, preserve_prompts
 from .io import check_output
 from .merge import Folded, apply_adapters, check_adapters, model_card, provenance, save_merged
 from .models import Conditioner, load_pipeline, resolve
@@ -40,7 +40,7 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
     """Write into the UNet, for every attn2 to_k/to_v layer, W = W0 + (sum_i dW_i C_i)(sum_i C_i + lambda C_p
     + mu I)^-1, with C = E^T E over the token embeddings E of adapter i's prompts (C_p: preserved prompts, the
     empty prompt included). That W minimises sum_i |E_i (W - W0 - dW_i)^T|^2 + lambda |E_p (W - W0)^T|^2 +
-    mu |W - W0|^2. Other layers get the plain sum of the deltas."""
+    mu |W - W0|^2. Other layers, and the text encoder's, get the plain sum of the deltas."""
     base = base or base_identity(pipe)
     folded = check_adapters(adapters, base)
     erased = [p for f in folded for p in f.record.concepts]
@@ -69,7 +69,7 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
             new_weights[name] = w0 + torch.linalg.solve(total, sum(d @ g for d, g in zip(deltas, c)).T).T
         else:
             new_weights[name] = w0 + sum(deltas)
-    pipe.unet.unload_lora()
+    fuse_loaded(pipe, names)  # text-encoder deltas are summed; the UNet's fused layers are replaced just below
     with torch.no_grad():
         for name, weight in new_weights.items():
             layer = pipe.unet.get_submodule(name)

@@ -31,7 +31,8 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, WEIGHTS_NAME, lora_config, save_lora, select_modules
+from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, TEXT_PREFIX, WEIGHTS_NAME, add_text_lora, lora_config,
+                      save_lora, select_modules, select_text_modules)
 from .adversary import Adversary
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from .latents import GuidedRuns, PartialRuns, RefreshedTrajectories
@@ -86,36 +87,43 @@ def step_random(seed: int, step: int, process: int) -> tuple[torch.Generator, ra
 
 @dataclass
 class TrainedModel:
-    """The UNet being trained, its trainable layers and parameters, and the frozen teacher."""
+    """The UNet being trained (and its text encoder, when adapted too), their trainable layers (the text
+    encoder's prefixed `text_encoder.`) and parameters, and the frozen teacher."""
 
     unet: torch.nn.Module
     modules: list[str]
     params: list[torch.nn.Parameter]
     teacher: Callable[[], AbstractContextManager]  # yields the frozen model
+    text_encoder: torch.nn.Module | None = None
 
 
-def setup_model(recipe: Recipe, unet: torch.nn.Module) -> TrainedModel:
+def setup_model(recipe: Recipe, unet: torch.nn.Module, pipe=None) -> TrainedModel:
     """Add the LoRA adapter to the frozen UNet (teacher: the same UNet with it off) or, in classic mode,
-    unfreeze the selected weights (teacher: a frozen copy). Trainable weights are kept in fp32."""
+    unfreeze the selected weights (teacher: a frozen copy). With `adapter.text_encoder`, the pipeline's
+    text encoder gets an adapter too (off in the teacher). Trainable weights are kept in fp32."""
     unet.requires_grad_(False)
     modules = select_modules(unet, recipe.adapter.targets)
+    text_modules = select_text_modules(pipe, recipe.adapter.text_encoder) if pipe is not None else []
+    text_encoder = pipe.text_encoder if text_modules else None
     if recipe.adapter.kind == "lora":
         a = recipe.adapter
         torch.manual_seed(recipe.train.seed)  # LoRA A matrices are drawn from the global generator
         unet.add_adapter(lora_config(a.rank, a.alpha, a.dropout, a.init, modules), adapter_name=ADAPTER_NAME)
-        teacher = lambda: adapters_off(unet)  # noqa: E731
+        if text_encoder is not None:
+            add_text_lora(text_encoder, lora_config(a.rank, a.alpha, a.dropout, a.init, text_modules))
+        teacher = lambda: adapters_off(unet, text_encoder)  # noqa: E731
     else:
         frozen_copy = copy.deepcopy(unet)
         teacher = lambda: nullcontext(frozen_copy)  # noqa: E731
         for name in modules:
             unet.get_submodule(name).requires_grad_(True)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for model in (unet, text_encoder) if model is not None for p in model.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return TrainedModel(unet, modules, params, teacher)
+    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], params, teacher, text_encoder)
 
 
 def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[list[str]], dict],
@@ -196,10 +204,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     for part in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
         if part is not None:
             part.requires_grad_(False)
-    base, model = base_identity(pipe), setup_model(recipe, pipe.unet)
+    base, model = base_identity(pipe), setup_model(recipe, pipe.unet, pipe)
     student, optimizer = accelerator.prepare(model.unet, make_optimizer(cfg.optimizer, model.params, cfg.lr))
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    conditioner = Conditioner(pipe, accelerator.device, model.unet.dtype)
+    conditioner = Conditioner(pipe, accelerator.device, model.unet.dtype, cache=model.text_encoder is None)
     source = latent_source(recipe, model.unet, conditioner, scheduler)
     esd = EsdStep(recipe.concept.trained(), conditioner, scheduler, cfg.batch)
     adversaries = adversaries_for(recipe, pipe, model, conditioner, scheduler)
@@ -218,7 +226,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             with accelerator.autocast():
                 for adversary in adversaries:
                     adversary.refresh(accelerator.unwrap_model(student), scheduler, gen, step // recipe.attack.every)
-        adversarial = [adversary.conditions(cfg.batch, rng) for adversary in adversaries]
+        adversarial = [adversary.conditions(cfg.batch, rng, grad=model.text_encoder is not None)
+                       for adversary in adversaries]
         t = loss_timestep(latents.ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(accelerator.device)
         loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast, adversarial, recipe.attack.weight)
         accelerator.backward(loss)
@@ -231,7 +240,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         log.write(step + 1, loss.item(), lr, latents.ks, time.time() - t0)
         every = recipe.output.checkpoint_every
         if accelerator.is_main_process and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
-            _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), optimizer, source, adversaries)
+            _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), model.text_encoder, optimizer, source,
+                             adversaries)
         if on_step is not None and on_step(step + 1, pipe) and step + 1 < cfg.steps:
             recipe = copy.deepcopy(recipe)
             recipe.train.steps = step + 1
@@ -241,7 +251,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
                "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1),
                "final_loss": loss.item() if loss is not None else float("nan")}
     if accelerator.is_main_process:
-        _save_result(recipe, accelerator.unwrap_model(student), model.modules, base, started, out)
+        _save_result(recipe, accelerator.unwrap_model(student), model.text_encoder, model.modules, base, started, out)
         atomic_write_json(out / "summary.json", summary)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return summary
@@ -303,12 +313,20 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _save_checkpoint(out: Path, step: int, unet, optimizer, source, adversaries: list[Adversary]) -> None:
+def _trainable(unet, text_encoder) -> dict[str, torch.nn.Parameter]:
+    """The trainable parameters by name, the text encoder's prefixed `text_encoder.`."""
+    named = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    if text_encoder is not None:
+        named.update({TEXT_PREFIX + n: p for n, p in text_encoder.named_parameters() if p.requires_grad})
+    return named
+
+
+def _save_checkpoint(out: Path, step: int, unet, text_encoder, optimizer, source, adversaries: list[Adversary]) -> None:
     """Trainable weights, optimizer state, the step, the latent source's state and the attacker's tokens, in
     one folder that appears whole or not at all, so a resumed run continues exactly."""
     state = source.state()
     with atomic_dir(out / "checkpoints" / f"step_{step:06d}") as tmp:
-        trainable = {n: p.detach().float().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+        trainable = {n: p.detach().float().cpu().contiguous() for n, p in _trainable(unet, text_encoder).items()}
         atomic_save_safetensors(trainable, tmp / "trainable.safetensors")
         if "trajectory" in state:
             atomic_save_safetensors({"latents": state["trajectory"].float().cpu().contiguous()},
@@ -327,8 +345,8 @@ def _load_checkpoint(checkpoint: Path, model: TrainedModel, optimizer, source, a
     from safetensors.torch import load_file
 
     state = load_file(str(checkpoint / "trainable.safetensors"))
-    named = dict(model.unet.named_parameters())
-    if set(state) ^ {n for n, p in named.items() if p.requires_grad}:
+    named = _trainable(model.unet, model.text_encoder)
+    if set(state) ^ set(named):
         raise RecipeError(f"--resume: {checkpoint} does not fit this recipe's trainable layers")
     for n, tensor in state.items():
         named[n].data.copy_(tensor.to(named[n].device))
@@ -348,7 +366,8 @@ def _load_checkpoint(checkpoint: Path, model: TrainedModel, optimizer, source, a
     return saved["step"]
 
 
-def _save_result(recipe: Recipe, unet, modules: list[str], base: BaseIdentity, started: float, out: Path) -> None:
+def _save_result(recipe: Recipe, unet, text_encoder, modules: list[str], base: BaseIdentity, started: float,
+                 out: Path) -> None:
     """The adapter (or classic weights) with provenance in the safetensors header, and the resolved recipe."""
     c = recipe.concept.trained()  # the prompts as trained, in their contexts
     metadata = AdapterProvenance.for_base(
@@ -357,7 +376,7 @@ def _save_result(recipe: Recipe, unet, modules: list[str], base: BaseIdentity, s
         base_model=recipe.model.id, base_revision=recipe.model.revision or "", training_started_at=started,
     ).to_metadata()
     if recipe.adapter.kind == "lora":
-        save_lora(unet, out / WEIGHTS_NAME, metadata)
+        save_lora(unet, out / WEIGHTS_NAME, metadata, text_encoder)
         config = unet.peft_config[ADAPTER_NAME].to_dict()
         atomic_write_json(out / "adapter_config.json",
                           {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()})

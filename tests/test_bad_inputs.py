@@ -266,7 +266,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "attack.restart_every=-1": "attack.restart_every", "attack.tokens=0": "attack.tokens", "attack.lr=.inf": "attack.lr",
         "attack.every=0": "attack.every", "attack.steps=0": "attack.steps", "attack.images=0": "attack.images",
         "attack.weight=.nan": "attack.weight", "attack.templates=[no-slot]": "attack.templates",
-        "attack.batch=0": "attack.batch",
+        "attack.batch=0": "attack.batch", "adapter.text_encoder=(": "adapter.text_encoder",
+        "adapter.text_encoder=conv_in": "adapter.text_encoder", "adapter.text_encoder=[nowhere]": "adapter.text_encoder",
     }
     for override, words in overrides.items():
         cases.append((f"train-override-{override}", ["train", "{recipes}/good.yaml", override], words))
@@ -299,6 +300,10 @@ def _cases() -> list[tuple[str, list[str], str]]:
                               "--out", "{root}/s"], "concept.prompts"),
         ("stack-preserve-missing", ["stack", "{adapter}", "--strategy", "fuse", "--base", "{model}", "--out",
                                     "{root}/s", "--preserve", "{root}/none.txt"], "--preserve"),
+        ("train-text-encoder-classic", ["train", "{recipes}/good.yaml", "adapter=none", "adapter.text_encoder=attn"],
+         "adapter.text_encoder"),
+        ("train-text-encoder-sdxl", ["train", "{recipes}/good.yaml", "model.id={sdxl}", "adapter.text_encoder=attn"],
+         "adapter.text_encoder"),
         ("train-attack-init-unknown", ["train", "{recipes}/good.yaml", "attack.methods=[ti]", "attack.init=zzz",
                                        "attack.images=1"], "attack.init"),
         ("attack-no-scorer", ["attack", "{model}", "--concept", "red", "--out", "{root}/a"], "--clip"),

@@ -28,6 +28,27 @@ def test_exported_adapter_loads_with_the_standard_loader_and_gives_the_same_outp
     assert (_unet_output(standard) - _unet_output(ours)).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_a_text_encoder_adapter_exports_so_the_standard_loader_adapts_the_text_encoder_alike(fmt, tiny_models,
+                                                                                            tiny_adapters, tmp_path):
+    from esd_lora.models import Conditioner
+
+    out = export_adapter(tiny_adapters["red_te"], tmp_path / f"te_{fmt}.safetensors", fmt)
+    if fmt == "kohya":  # kohya's name for an SD 1.x text encoder's layers
+        with safe_open(str(out), "pt") as f:
+            assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in f.keys()
+    standard, ours, base = (load_pipeline(str(tiny_models["sd1"])) for _ in range(3))
+    standard.load_lora_weights(str(out.parent), weight_name=out.name)
+    load_adapters(ours, [tiny_adapters["red_te"]])
+
+    def embedding(pipe):
+        return Conditioner(pipe, "cpu", torch.float32)(["a red shape"])["encoder_hidden_states"]
+
+    assert (embedding(ours) - embedding(base)).abs().max() > 1e-3
+    assert (embedding(standard) - embedding(ours)).abs().max() <= 1e-5
+    assert (_unet_output(standard) - _unet_output(ours)).abs().max() <= 1e-5
+
+
 def test_kohya_export_keeps_the_trained_alpha_and_the_ss_header(tiny_adapters, tmp_path):
     out = export_adapter(tiny_adapters["red"], tmp_path / "red.safetensors", "kohya")
     with safe_open(str(out), "pt") as f:

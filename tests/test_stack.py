@@ -33,6 +33,17 @@ def test_fuse_solves_its_least_squares_problem(tiny_models, tiny_adapters):
     assert ((e_red @ (w - w0 - d_red).T).norm() < (e_red @ d_red.T).norm())
 
 
+@pytest.mark.parametrize("strategy", ["sum", "fuse"])
+def test_stacking_adds_a_text_encoder_adapters_delta_to_the_text_encoder(strategy, tiny_models, tiny_adapters,
+                                                                         tmp_path):
+    adapters = [tiny_adapters["red_te"], tiny_adapters["star"]]
+    out, _ = stack(str(tiny_models["sd1"]), strategy, tmp_path / strategy, adapters=adapters)
+    stacked, live = load_pipeline(str(out)), load_pipeline(str(tiny_models["sd1"]))
+    load_adapters(live, adapters)
+    assert not any("lora" in k for k in stacked.text_encoder.state_dict())
+    assert (_embeds(stacked, "a red shape") - _embeds(live, "a red shape")).abs().max() <= 1e-5
+
+
 def test_sum_stack_writes_a_model_with_every_adapter_in_its_header(tiny_models, tiny_adapters, tmp_path):
     out, folded = stack(str(tiny_models["sd1"]), "sum", tmp_path / "s",
                         adapters=[tiny_adapters["red"], tiny_adapters["star"]])

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from esd_lora import train as train_module
 from esd_lora.adapter import WEIGHTS_NAME, load_adapters
+from esd_lora.errors import EsdLoraError
 from esd_lora.models import load_pipeline
 from esd_lora.provenance import read_metadata, unet_sha256
 from esd_lora.recipe import RecipeError, from_dict
@@ -58,14 +59,15 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
 
 # refresh 3: the resumed run goes on with the checkpointed trajectories (of two images, or of two images and
 # two of the preserve prompt's own); robust: and with the attacker's tokens (refitted every 3 steps)
-@pytest.mark.parametrize("refresh_every,batch,preserve_on,robust", [
-    (1, 1, "erased", []), (1, 1, "own", []), (3, 2, "erased", []), (3, 2, "own", []), (3, 2, "erased", ["ti"]),
-    (1, 1, "erased", ["ti", "soft-prompt"])])
+# text: the text encoder is adapted too, and its adapter is checkpointed with the UNet's
+@pytest.mark.parametrize("refresh_every,batch,preserve_on,robust,text", [
+    (1, 1, "erased", [], ""), (1, 1, "own", [], ""), (3, 2, "erased", [], ""), (3, 2, "own", [], ""),
+    (3, 2, "erased", ["ti"], ""), (1, 1, "erased", ["ti", "soft-prompt"], ""), (3, 2, "erased", ["ti"], "attn")])
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every,
-                                                                  batch, preserve_on, robust):
+                                                                  batch, preserve_on, robust, text):
     def recipe(name):
         r = recipe_for(tiny_models["sd1"], tmp_path / name, steps=5, refresh_every=refresh_every, batch=batch)
-        r.concept.preserve_on = preserve_on
+        r.concept.preserve_on, r.adapter.text_encoder = preserve_on, text
         if robust:
             r.attack.methods, r.attack.every, r.attack.steps, r.attack.images, r.attack.batch = robust, 1, 2, 3, 2
             r.attack.restart_every = 2  # the resumed run restarts the attackers when the first one did
@@ -107,6 +109,37 @@ def test_robust_erasure_trains_against_the_attackers_prompts_and_still_writes_a_
     assert a.keys() == b.keys() and all(k.startswith("unet.") for k in b)  # the same layers: it merges the same
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the attacker's prompts changed the training
     assert "attack:\n  methods:\n  - ti" in (tmp_path / "robust" / "recipe.yaml").read_text()
+
+
+def test_a_text_encoder_adapter_trains_beside_the_unets_and_is_saved_where_diffusers_reads_it(tiny_models, tmp_path):
+    from esd_lora.models import Conditioner
+
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "te")
+    recipe.adapter.text_encoder = "all"
+    recipe.attack.methods, recipe.attack.steps, recipe.attack.images = ["ti"], 2, 4
+    train(recipe, progress=False)
+    weights = load_file(str(tmp_path / "te" / WEIGHTS_NAME))
+    text = {k: v for k, v in weights.items() if k.startswith("text_encoder.text_model.encoder.layers.")}
+    assert any(v.abs().max() > 0 for k, v in text.items() if "lora_B" in k)  # it trained
+    assert any(k.startswith("unet.") for k in weights) and len(text) == 2 * 6 * 2  # 2 layers, 6 projections, A/B
+    targets = json.loads(read_metadata(tmp_path / "te" / WEIGHTS_NAME)["esd_lora.targets"])
+    assert "text_encoder.encoder.layers.1.mlp.fc2" in targets
+    pipe, base = load_pipeline(str(tiny_models["sd1"])), load_pipeline(str(tiny_models["sd1"]))
+    load_adapters(pipe, [tmp_path / "te"])
+    embeds = [Conditioner(p, "cpu", torch.float32)(["a red shape"])["encoder_hidden_states"] for p in (pipe, base)]
+    assert (embeds[0] - embeds[1]).abs().max() > 0
+
+
+def test_a_text_encoder_adapter_is_refused_in_one_line_where_it_cannot_go(tiny_models, tmp_path):
+    recipe = recipe_for(tiny_models["sdxl"], tmp_path / "x")
+    recipe.adapter.text_encoder = "attn"
+    with pytest.raises(EsdLoraError, match="adapter.text_encoder: .*single-text-encoder"):
+        train(recipe, progress=False)
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "y")
+    recipe.adapter.text_encoder = "conv_.*"
+    with pytest.raises(EsdLoraError, match="adapter.text_encoder: 'conv_.\\*' selects no Linear"):
+        train(recipe, progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y" / WEIGHTS_NAME).exists()
 
 
 def test_optimizer_falls_back_to_adamw_with_one_warning(monkeypatch, capsys):
