@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -134,17 +135,17 @@ def cells(r: dict) -> str:
             f"{pct(o['specificity_min_ratio'])} / {pct(o['specificity_mean_ratio'])}")
 
 
-def table(results: list[dict], shipped: dict[str, dict], argv: list[str]) -> str:
+def table(results: list[dict], shipped: dict[str, dict], argv: list[str], note: str = "") -> str:
     n = (results or list(shipped.values()))[0]["n"]
     lines = ["# Every toy concept, erased by its kind's recipe", "",
-             f"`python benchmarks/all_concepts.py {' '.join(argv)}`: each concept erased by `esd-lora train "
+             f"`python benchmarks/all_concepts.py {shlex.join(argv)}`: each concept erased by `esd-lora train "
              "recipes/toy/<kind>.yaml` with only `concept.prompts` (name and synonyms) and `name` given, then "
              f"measured on held-out prompts, {n} images each, the same seeds for the base and the erased model. "
              "Detected: the concept's share of images over its 8 held-out prompts (every caption template; name and "
              "both synonyms), worst prompt / mean. Kept: each other concept's rate as a share of the base model's, "
              "worst / mean, for the other concepts of the kind (2 held-out prompts each) and for the other kinds' "
-             "concepts inside the concept's prompts. Training: `esd-lora train` wall time, start-up included, on 2 "
-             "CPU cores.", ""]
+             "concepts inside the concept's prompts. Training: `esd-lora train` wall time, start-up included."
+             + (f" {note}" if note else ""), ""]
     if results:
         lines += ["| concept | kind | detected (worst / mean) | same kind kept (worst / mean) | "
                   "other kinds kept (worst / mean) | training (s) |", "|---|---|---|---|---|---|"]
@@ -188,7 +189,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--work", default=str(ROOT / "build" / "all_concepts"))
     parser.add_argument("--table", default=str(ROOT / "benchmarks" / "ALL_CONCEPTS.md"))
     parser.add_argument("--fresh", action="store_true", help="retrain and re-measure cached runs")
+    parser.add_argument("--note", default="", help="a sentence for the table's header: how the runs were made")
     args = parser.parse_args(argv)
+    if "--note" in argv:  # the table's command line without the note itself
+        argv = argv[:argv.index("--note")] + argv[argv.index("--note") + 2:]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results, shipped = [], {}
@@ -198,10 +202,10 @@ def main(argv: list[str]) -> None:
         print(f"{concept}: detected ≤ {e['efficacy_max_detection']:.0%}, same kind kept ≥ "
               f"{results[-1]['same_kind']['specificity_min_ratio']:.0%}, other kinds kept ≥ "
               f"{results[-1]['other_kinds']['specificity_min_ratio']:.0%}", flush=True)
-        atomic_write_text(Path(args.table), table(results, shipped, argv))
+        atomic_write_text(Path(args.table), table(results, shipped, argv, args.note))
     if args.shipped:
         shipped = measure_shipped(args.n, work, args.fresh)
-        atomic_write_text(Path(args.table), table(results, shipped, argv))
+        atomic_write_text(Path(args.table), table(results, shipped, argv, args.note))
 
 
 if __name__ == "__main__":
