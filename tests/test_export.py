@@ -11,6 +11,7 @@ from esd_lora.export import (SDXL_TEXT_2_PREFIX, SDXL_TEXT_PREFIX, ExportError, 
                              open_clip_to_ldm, save_single_file, unet_to_ldm)
 from esd_lora.models import load_pipeline
 from test_merge import _unet_output
+from test_stack import _embeds
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
@@ -31,8 +32,6 @@ def test_exported_adapter_loads_with_the_standard_loader_and_gives_the_same_outp
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_a_text_encoder_adapter_exports_so_the_standard_loader_adapts_the_text_encoder_alike(fmt, tiny_models,
                                                                                             tiny_adapters, tmp_path):
-    from esd_lora.models import Conditioner
-
     out = export_adapter(tiny_adapters["red_te"], tmp_path / f"te_{fmt}.safetensors", fmt)
     if fmt == "kohya":  # kohya's name for an SD 1.x text encoder's layers
         with safe_open(str(out), "pt") as f:
@@ -41,11 +40,8 @@ def test_a_text_encoder_adapter_exports_so_the_standard_loader_adapts_the_text_e
     standard.load_lora_weights(str(out.parent), weight_name=out.name)
     load_adapters(ours, [tiny_adapters["red_te"]])
 
-    def embedding(pipe):
-        return Conditioner(pipe, "cpu", torch.float32)(["a red shape"])["encoder_hidden_states"]
-
-    assert (embedding(ours) - embedding(base)).abs().max() > 1e-3
-    assert (embedding(standard) - embedding(ours)).abs().max() <= 1e-5
+    assert (_embeds(ours, "a red shape") - _embeds(base, "a red shape")).abs().max() > 1e-3
+    assert (_embeds(standard, "a red shape") - _embeds(ours, "a red shape")).abs().max() <= 1e-5
     assert (_unet_output(standard) - _unet_output(ours)).abs().max() <= 1e-5
 
 

@@ -9,6 +9,7 @@ from esd_lora.cli import main
 from esd_lora.merge import merge, verify
 from esd_lora.models import ModelLoadError, load_pipeline
 from esd_lora.sample import generate
+from test_stack import _embeds
 
 
 def _unet_output(pipe, seed=0):
@@ -33,19 +34,14 @@ def test_merged_pipeline_equals_base_plus_adapters_and_has_no_lora_left(tiny_mod
 
 
 def test_a_text_encoder_adapter_merges_into_both_models_as_it_draws_live(tiny_models, tiny_adapters, tmp_path):
-    from esd_lora.models import Conditioner
-
     adapters = [tiny_adapters["red_te"], tiny_adapters["star"]]
     out = merge(str(tiny_models["sd1"]), adapters, tmp_path / "merged")
     merged, live, base = (load_pipeline(str(p)) for p in (out, tiny_models["sd1"], tiny_models["sd1"]))
     load_adapters(live, adapters)
     assert not any("lora" in k or "base_layer" in k for k in merged.text_encoder.state_dict())
 
-    def embedding(pipe):
-        return Conditioner(pipe, "cpu", torch.float32)(["a red shape"])["encoder_hidden_states"]
-
-    assert (embedding(live) - embedding(base)).abs().max() > 1e-3  # the text encoder's adapter does something
-    assert (embedding(merged) - embedding(live)).abs().max() <= 1e-5
+    assert (_embeds(live, "a red shape") - _embeds(base, "a red shape")).abs().max() > 1e-3  # the text encoder's adapter does something
+    assert (_embeds(merged, "a red shape") - _embeds(live, "a red shape")).abs().max() <= 1e-5
     images = [generate(p, ["a red shape"] * 2, [0, 1], steps=3, progress=False) for p in (merged, live)]
     assert (images[0] - images[1]).abs().max() <= 1e-5
     result = verify(out, str(tiny_models["sd1"]), adapters)
