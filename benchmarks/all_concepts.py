@@ -45,13 +45,13 @@ def recipe_of(concept: str) -> str:
 
 
 def trained_prompts(kind: str) -> set[str]:
-    """Every prompt a recipe of this kind trains on, whichever concept it erases: each word of the kind in each
+    """Every prompt a recipe of this kind trains on, whichever concept it erases: every word of the kind in each
     of the recipe's contexts (the erased concept's words, and the rest as preserve prompts)."""
     from esd_lora.recipe import load_recipe
 
-    contexts_ = load_recipe(f"{ROOT}/recipes/toy/{kind}.yaml").concept.contexts
-    words = [w for c, syn in KINDS[kind].items() for w in (c, *syn)]
-    return {t.format(w).lower() for t in contexts_ for w in words} | {w.lower() for w in words}
+    concept = load_recipe(f"{ROOT}/recipes/toy/{kind}.yaml").concept
+    concept.prompts = [w for c, syn in KINDS[kind].items() for w in (c, *syn)]
+    return {p.lower() for p in concept.trained().prompts}
 
 
 def held_out(concept: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Which UNet layers an erasure trains, and the adapter files it writes.
+"""Which UNet (and text-encoder) layers an erasure trains, and the adapter files it writes.
 
 Presets follow the ESD paper: `esd-x` trains cross-attention (prompt-specific erasure, for
 styles), `esd-u` everything else but the time embedding and output layers (prompt-independent,
@@ -221,15 +221,20 @@ def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = N
     return names
 
 
-def fuse_loaded(pipe, names: list[str]) -> None:
-    """Fold loaded adapters into the UNet's and the text encoder's weights and drop the LoRA layers."""
+def fuse_text_encoder_adapters(pipe, names: list[str]) -> None:
+    """Fold the loaded adapters that adapt the text encoder into its weights and drop its LoRA layers."""
     from diffusers.loaders.lora_base import fuse_text_encoder_lora
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
     text = [n for n in names if n in getattr(pipe.text_encoder, "peft_config", {})]
-    pipe.unet.fuse_lora(adapter_names=names)
-    pipe.unet.unload_lora()
     if text:
         fuse_text_encoder_lora(pipe.text_encoder, adapter_names=text)
         recurse_remove_peft_layers(pipe.text_encoder)
         del pipe.text_encoder.peft_config
+
+
+def fuse_loaded(pipe, names: list[str]) -> None:
+    """Fold loaded adapters into the UNet's and the text encoder's weights and drop the LoRA layers."""
+    pipe.unet.fuse_lora(adapter_names=names)
+    pipe.unet.unload_lora()
+    fuse_text_encoder_adapters(pipe, names)

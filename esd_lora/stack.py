@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import fuse_loaded, load_adapters, preserve_prompts
+from .adapter import fuse_text_encoder_adapters, load_adapters, preserve_prompts
 from .io import check_output
 from .merge import Folded, apply_adapters, check_adapters, model_card, provenance, save_merged
 from .models import Conditioner, load_pipeline, resolve
@@ -69,7 +69,8 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
             new_weights[name] = w0 + torch.linalg.solve(total, sum(d @ g for d, g in zip(deltas, c)).T).T
         else:
             new_weights[name] = w0 + sum(deltas)
-    fuse_loaded(pipe, names)  # text-encoder deltas are summed; the UNet's fused layers are replaced just below
+    pipe.unet.unload_lora()
+    fuse_text_encoder_adapters(pipe, names)  # the text encoder's deltas are summed
     with torch.no_grad():
         for name, weight in new_weights.items():
             layer = pipe.unet.get_submodule(name)
