@@ -4,7 +4,8 @@
 
 For each concept, three erasures of the shipped toy model, all from the concept's kind recipe
 (recipes/toy/colour.yaml for red, shape.yaml for star: every prompt in 16 contexts, the rest of the kind
-preserved), so that they differ only in what is compared:
+preserved; note that the shipped robust adapters were trained before those recipes took erase_from [""]),
+so that they differ only in what is compared:
 - `robust`: the shipped adapter adapters/<concept>_robust (recipes/toy/<concept>_robust.yaml: the kind
   recipe with an `attack:` section);
 - `plain`: the kind recipe as it is (LoRA, no attacker), trained here;
