@@ -1,6 +1,7 @@
 """Every toy concept erased with its kind's recipe, untuned, and measured on held-out prompts.
 
     python benchmarks/all_concepts.py [--concepts red star ...] [--n 32] [--set key=value ...]
+    python benchmarks/all_concepts.py --concepts red orange --compare WORK [WORK ...] --table OUT.md
 
 For each of the 20 concepts of the toy world, `esd-lora train recipes/toy/<kind>.yaml` with only the concept
 given (`concept.prompts=[name, synonym, synonym]`), then, with the same seeds for the base and the erased
@@ -13,6 +14,7 @@ model (`n` images per prompt, the toy classifier):
 The base model's rates are computed once for every prompt and cached, as is every finished run, in
 build/all_concepts/ (--fresh redoes them). `--set` passes recipe overrides to every training (tried
 variants go to their own folder, `--work`). The table goes to benchmarks/ALL_CONCEPTS.md after each concept.
+`--compare` trains nothing: it puts the cached runs of several work folders (variants, seeds) side by side.
 """
 
 from __future__ import annotations
@@ -168,6 +170,25 @@ def table(results: list[dict], shipped: dict[str, dict], argv: list[str], note: 
     return "\n".join(lines)
 
 
+def compare(works: list[Path], concepts: list[str], n: int, argv: list[str], note: str = "") -> str:
+    """The cached runs of several work folders side by side, per concept: variants of the kind recipes (each
+    folder trained with its own `--set`), or one recipe from several seeds."""
+    lines = ["# Variants of the kind recipes, side by side", "",
+             f"`python benchmarks/all_concepts.py {shlex.join(argv)}`: the runs cached in each work folder, measured "
+             "as in ALL_CONCEPTS.md (held-out prompts, detected worst / mean, kept worst / mean of base). Each row's "
+             "overrides are the `--set` it was trained with, on top of the kind's recipe." + (f" {note}" if note else ""),
+             "", "| overrides | concept | detected | same kind kept | other kinds kept | training (s) |",
+             "|---|---|---|---|---|---|"]
+    for work in works:
+        for concept in concepts:
+            result = work / concept / f"result_n{n}.json"
+            if result.exists():
+                r = json.loads(result.read_text())
+                lines.append(f"| {shlex.join(r['overrides']) or '(none)'} | {concept} | {cells(r)} | "
+                             f"{r['train_seconds']:.0f} |")
+    return "\n".join(lines + [""])
+
+
 def measure_shipped(n: int, work: Path, fresh: bool) -> dict[str, dict]:
     """The shipped adapters on their concept's held-out prompts (cached)."""
     out = {}
@@ -188,11 +209,17 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides for every run")
     parser.add_argument("--work", default=str(ROOT / "build" / "all_concepts"))
     parser.add_argument("--table", default=str(ROOT / "benchmarks" / "ALL_CONCEPTS.md"))
+    parser.add_argument("--compare", nargs="+", metavar="WORK", help="tabulate the cached runs of these work "
+                        "folders side by side (no training) into --table")
     parser.add_argument("--fresh", action="store_true", help="retrain and re-measure cached runs")
     parser.add_argument("--note", default="", help="a sentence for the table's header: how the runs were made")
     args = parser.parse_args(argv)
     if "--note" in argv:  # the table's command line without the note itself
         argv = argv[:argv.index("--note")] + argv[argv.index("--note") + 2:]
+    if args.compare:
+        table_text = compare([Path(w) for w in args.compare], args.concepts, args.n, argv, args.note)
+        atomic_write_text(Path(args.table), table_text)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results, shipped = [], {}
