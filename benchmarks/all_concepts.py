@@ -1,7 +1,7 @@
 """Every toy concept erased with its kind's recipe, untuned, and measured on held-out prompts.
 
     python benchmarks/all_concepts.py [--concepts red star ...] [--n 32] [--set key=value ...]
-    python benchmarks/all_concepts.py --concepts red orange --compare WORK [WORK ...] --table OUT.md
+    python benchmarks/all_concepts.py --concepts red orange --compare WORK [WORK ...]
 
 For each of the 20 concepts of the toy world, `esd-lora train recipes/toy/<kind>.yaml` with only the concept
 given (`concept.prompts=[name, synonym, synonym]`), then, with the same seeds for the base and the erased
@@ -208,17 +208,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=32, help="images per prompt")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides for every run")
     parser.add_argument("--work", default=str(ROOT / "build" / "all_concepts"))
-    parser.add_argument("--table", default=str(ROOT / "benchmarks" / "ALL_CONCEPTS.md"))
+    parser.add_argument("--table", help="where the table goes (default benchmarks/ALL_CONCEPTS.md, with --compare "
+                        "benchmarks/KIND_RECIPE_VARIANTS.md)")
     parser.add_argument("--compare", nargs="+", metavar="WORK", help="tabulate the cached runs of these work "
-                        "folders side by side (no training) into --table")
+                        "folders side by side (no training)")
     parser.add_argument("--fresh", action="store_true", help="retrain and re-measure cached runs")
     parser.add_argument("--note", default="", help="a sentence for the table's header: how the runs were made")
     args = parser.parse_args(argv)
     if "--note" in argv:  # the table's command line without the note itself
         argv = argv[:argv.index("--note")] + argv[argv.index("--note") + 2:]
+    args.table = args.table or str(ROOT / "benchmarks" / ("KIND_RECIPE_VARIANTS.md" if args.compare
+                                                          else "ALL_CONCEPTS.md"))
     if args.compare:
-        table_text = compare([Path(w) for w in args.compare], args.concepts, args.n, argv, args.note)
-        atomic_write_text(Path(args.table), table_text)
+        text = compare([Path(w) for w in args.compare], args.concepts, args.n, argv, args.note)
+        atomic_write_text(Path(args.table), text)
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
