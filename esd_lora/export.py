@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LORA_METADATA_KEY, adapter_file, adapter_provenance
+from .adapter import LORA_METADATA_KEY, TEXT_PREFIX, adapter_file, adapter_provenance
 from .errors import AdapterError, ExportError
 from .io import atomic_save_safetensors, check_output
 from .provenance import PREFIX, AdapterProvenance, read_metadata
@@ -275,7 +275,7 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya", overwr
         raise ExportError(f"unknown export format {fmt!r} (choose diffusers or kohya)")
     if config.get("alpha_pattern") or config.get("rank_pattern") or config.get("use_rslora"):
         raise ExportError("kohya export needs one rank and one alpha for every layer")
-    text = {k.removeprefix("text_encoder."): v for k, v in config.items() if k.startswith("text_encoder.")}
+    text = {k.removeprefix(TEXT_PREFIX): v for k, v in config.items() if k.startswith(TEXT_PREFIX)}
     if text and (text.get("r"), text.get("lora_alpha")) != (config.get("r"), config.get("lora_alpha")):
         raise ExportError("kohya export needs the same rank and alpha in the UNet and the text encoder")
     kohya = convert_state_dict_to_kohya(tensors)
