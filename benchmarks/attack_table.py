@@ -19,9 +19,10 @@ at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the 
 erasure also with settings its training never used (another initial word; two tokens at another lr) and,
 for red, on its merged model, and measured by `esd-lora eval` on held-out prompts (8 per
 concept, 32 images each).
-`--variants "robust, esd-u" "robust, text encoder"` compares the modules the robust recipe trains: the same
-recipe with LoRA on everything but cross-attention (esd-u) instead of its K/V, or on its K/V and on every
-projection of the text encoder.
+`--variants "robust, esd-u" "robust, text encoder" "robust, concept tokens"` compares the modules the robust
+recipe trains: the same recipe with LoRA on everything but cross-attention (esd-u) instead of its K/V, on its
+K/V and on every projection of the text encoder, or on its K/V and the embeddings of the concept's own words
+(`adapter.concept_tokens`, with the concept left out of each context as neutral prompt).
 Runs are cached in build/attack_table/ (a finished run's report is reused; --fresh redoes them); the table goes
 to benchmarks/ATTACK_RESULTS.md (or `--out`) after every run.
 """
@@ -56,6 +57,8 @@ UNSEEN = {  # attack settings no robust training used
 MODULES = {  # the robust recipe with other trained modules than cross-attention K/V (esd-x-strict)
     "robust, esd-u": ["adapter.targets=esd-u"],
     "robust, text encoder": ["adapter.text_encoder=all"],  # on K/V as well
+    # on K/V as well; the concept left out of each context as ESD's neutral prompt, as the kind recipes do
+    "robust, concept tokens": ["adapter.concept_tokens=true", "concept.erase_from=['']"],
 }
 
 

@@ -36,6 +36,7 @@ TEXT_PRESETS: dict[str, str] = {  # CLIP text encoder layers (adapter.text_encod
 }
 TRAINABLE_TYPES = (nn.Linear, nn.Conv2d)
 TEXT_PREFIX = "text_encoder."  # diffusers' prefix of text-encoder LoRA keys
+TOKEN_ROWS = "trainable_tokens_delta"  # PEFT's name of retrained token embedding rows (adapter.concept_tokens)
 
 
 def select_modules(model: nn.Module, targets: str | list[str], presets: dict[str, str] = PRESETS,
@@ -65,15 +66,54 @@ def select_modules(model: nn.Module, targets: str | list[str], presets: dict[str
     return chosen
 
 
-def select_text_modules(pipe, targets: str | list[str]) -> list[str]:
-    """The text encoder's layers `adapter.text_encoder` selects (none when it is empty); single-encoder
-    models only."""
-    if not targets:
+def select_text_modules(pipe, targets: str | list[str], concept_tokens: bool = False) -> list[str]:
+    """The text encoder's layers `adapter.text_encoder` selects, or its input embedding for
+    `adapter.concept_tokens` (none when neither is given); single-encoder models only."""
+    if not targets and not concept_tokens:
         return []
     if getattr(pipe, "text_encoder_2", None) is not None:
-        raise TargetError("adapter.text_encoder: adapting the text encoder is supported for single-text-encoder "
+        key = "adapter.concept_tokens" if concept_tokens else "adapter.text_encoder"
+        raise TargetError(f"{key}: adapting the text encoder is supported for single-text-encoder "
                           "models (SD 1.x, 2.x); this model has two")
+    if concept_tokens:
+        return [embedding_name(pipe.text_encoder)]
     return select_modules(pipe.text_encoder, targets, TEXT_PRESETS, "adapter.text_encoder", "text encoder")
+
+
+def concept_token_ids(tokenizer, concept) -> list[int]:
+    """The token ids of the words that name the concept (`adapter.concept_tokens`): those of concept.prompts
+    that no context, neutral or preserve prompt uses, so that training them changes no other prompt."""
+    def ids(texts: list[str]) -> set[int]:
+        return {i for t in texts for i in tokenizer(t, add_special_tokens=False).input_ids}
+
+    others = [c.replace("{}", " ") for c in concept.contexts] + concept.erase_from + [
+        p for p in concept.preserve if p not in concept.prompts]
+    own = sorted(ids(concept.prompts) - ids(others) - {tokenizer.unk_token_id})
+    if not own:
+        raise TargetError("adapter.concept_tokens: every word of concept.prompts is also in a context, neutral or "
+                          "preserve prompt (or unknown to the tokenizer); no token names the concept alone")
+    return own
+
+
+def token_config(text_encoder: nn.Module, token_ids: list[int]):
+    """A PEFT TrainableTokensConfig for these rows of the text encoder's input embedding (they start as the
+    base's rows, so the adapter starts as the identity)."""
+    from peft import TrainableTokensConfig
+
+    return TrainableTokensConfig(target_modules=[embedding_name(text_encoder)], token_indices=list(token_ids))
+
+
+def embedding_name(text_encoder: nn.Module) -> str:
+    """The full name of the text encoder's input token embedding."""
+    table = text_encoder.get_input_embeddings()
+    return next(name for name, module in text_encoder.named_modules() if module is table)
+
+
+def text_config(config: dict):
+    """A text-encoder adapter config from its saved dict: LoRA layers, or trained token rows."""
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING[config.get("peft_type", "LORA")](**config)
 
 
 def lora_config(rank: int, alpha: float, dropout: float, init: str, modules: list[str]):
@@ -157,9 +197,10 @@ def preserve_prompts(path: str | Path, record: AdapterProvenance) -> list[str]:
     return load_recipe(recipe).concept.preserve
 
 
-def add_text_lora(text_encoder: nn.Module, config, name: str = ADAPTER_NAME) -> None:
-    """PEFT LoRA layers in the text encoder, through PEFT itself (transformers' own adapter hooks ask for a
-    newer PEFT than this stack runs); the config is kept where PEFT's state-dict helpers read it."""
+def add_text_adapter(text_encoder: nn.Module, config, name: str = ADAPTER_NAME) -> None:
+    """PEFT LoRA layers (or trained token rows) in the text encoder, through PEFT itself (transformers' own
+    adapter hooks ask for a newer PEFT than this stack runs); the config is kept where PEFT's state-dict
+    helpers read it."""
     from peft import inject_adapter_in_model
 
     configs = text_encoder.__dict__.pop("peft_config", {})  # PEFT warns of a config it did not put there
@@ -169,7 +210,7 @@ def add_text_lora(text_encoder: nn.Module, config, name: str = ADAPTER_NAME) -> 
 
 def _load_text_encoder_lora(pipe, path: str | Path, file: Path, name: str) -> bool:
     """Load the adapter's text-encoder part, if it has one, under `name`; returns whether it had one."""
-    from peft import LoraConfig, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     inner = "" if hasattr(pipe.text_encoder, "text_model") else "text_model."
@@ -182,9 +223,9 @@ def _load_text_encoder_lora(pipe, path: str | Path, file: Path, name: str) -> bo
     config = {k.removeprefix(TEXT_PREFIX): v for k, v in json.loads(read_metadata(file)[LORA_METADATA_KEY]).items()
               if k.startswith(TEXT_PREFIX)}
     try:
-        add_text_lora(pipe.text_encoder, LoraConfig(**config), name)
-    except (TypeError, ValueError) as err:
-        raise AdapterError(f"adapter {path}: its text-encoder LoRA config does not fit this model ({reason(err)})") from None
+        add_text_adapter(pipe.text_encoder, text_config(config), name)
+    except (TypeError, ValueError, KeyError) as err:
+        raise AdapterError(f"adapter {path}: its text-encoder adapter config does not fit this model ({reason(err)})") from None
     result = set_peft_model_state_dict(pipe.text_encoder, tensors, adapter_name=name)
     if result.unexpected_keys:
         raise AdapterError(f"adapter {path}: text-encoder tensors this model has no layer for "
@@ -198,13 +239,11 @@ def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = N
     """Load LoRA adapters into the pipeline's UNet (and text encoder, for those that adapt it) and activate
     them together, after checking that each was trained for this base (`base`, when the caller has hashed
     it already)."""
-    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
-
     if not paths:
         return []
     base = base or base_identity(pipe)
     weights = weights or [1.0] * len(paths)
-    names, text = [], []
+    names, text, rows = [], [], {}
     for i, path in enumerate(paths):
         file = adapter_file(path)
         check_adapter(path, adapter_provenance(file), base)
@@ -215,20 +254,57 @@ def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = N
         names.append(name)
         if _load_text_encoder_lora(pipe, path, file, name):
             text.append(i)
+            _check_token_rows(pipe.text_encoder, name, path, weights[i], rows)
     pipe.unet.set_adapters(names, weights=weights)
     if text:
-        set_weights_and_activate_adapters(pipe.text_encoder, [names[i] for i in text], [weights[i] for i in text])
+        _activate_text_adapters(pipe.text_encoder, [names[i] for i in text], [weights[i] for i in text])
     return names
 
 
+def _check_token_rows(text_encoder: nn.Module, name: str, path: str | Path, weight: float,
+                      rows: dict[int, str | Path]) -> None:
+    """Refuse what trained token rows cannot do: a weight (a row is replaced, not added to) and a token that two
+    adapters both replace. `rows` collects the tokens taken so far and by which adapter."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in text_encoder.modules():
+        if isinstance(module, TrainableTokensLayer) and name in module.token_indices:
+            if weight != 1:
+                raise AdapterError(f"adapter {path}: it replaces token embeddings (adapter.concept_tokens), which "
+                                   f"cannot be weighted; give it weight 1, not {weight:g}")
+            for token in module.token_indices[name]:
+                if token in rows:
+                    raise AdapterError(f"adapter {path}: it retrains token {token}, which adapter {rows[token]} "
+                                       "retrains too; erasures of the same words cannot be stacked")
+                rows[token] = path
+
+
+def _activate_text_adapters(text_encoder: nn.Module, names: list[str], weights: list[float]) -> None:
+    """Activate the adapters on each adapted layer of the text encoder, each LoRA at its weight (diffusers'
+    `set_weights_and_activate_adapters` assumes LoRA layers only; trained token rows have no scale)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in text_encoder.modules():
+        if isinstance(module, BaseTunerLayer):
+            own = [n for n in names if n in getattr(module, module.adapter_layer_names[0])]
+            module.set_adapter(own)
+            for n, w in zip(names, weights):
+                if n in own and hasattr(module, "set_scale"):
+                    module.set_scale(n, w)
+
+
 def fuse_text_encoder_adapters(pipe, names: list[str]) -> None:
-    """Fold the loaded adapters that adapt the text encoder into its weights and drop its LoRA layers."""
-    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+    """Fold the loaded adapters that adapt the text encoder into its weights and drop its LoRA layers (and
+    trained token rows). Each layer merges the adapters it holds, so LoRA layers and token rows of different
+    adapters fold together (diffusers' `fuse_text_encoder_lora` hands every layer every name)."""
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     text = [n for n in names if n in getattr(pipe.text_encoder, "peft_config", {})]
     if text:
-        fuse_text_encoder_lora(pipe.text_encoder, adapter_names=text)
+        for module in pipe.text_encoder.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(adapter_names=[n for n in text if n in getattr(module, module.adapter_layer_names[0])])
         recurse_remove_peft_layers(pipe.text_encoder)
         del pipe.text_encoder.peft_config
 

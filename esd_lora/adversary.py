@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .errors import EsdLoraError
 from .models import family
@@ -41,8 +42,8 @@ class LearnedTokens:
         self.names = [token] + [f"{token}_{i}" for i in range(1, len(vectors))]
         pipe.tokenizer.add_tokens(self.names)
         encoder = pipe.text_encoder
-        if encoder.get_input_embeddings().num_embeddings < len(pipe.tokenizer):
-            encoder.resize_token_embeddings(len(pipe.tokenizer))
+        if encoder.get_input_embeddings().weight.shape[0] < len(pipe.tokenizer):
+            _grow_vocabulary(encoder, len(pipe.tokenizer))
         self.ids = torch.tensor(pipe.tokenizer.convert_tokens_to_ids(self.names))
         self.vectors = torch.nn.Parameter(vectors.detach().float().clone().to(encoder.device))
         self._hook = encoder.get_input_embeddings().register_forward_hook(self._substitute)
@@ -79,17 +80,33 @@ class LearnedTokens:
         return encoder(ids, attention_mask=mask)[0]
 
 
+def _grow_vocabulary(encoder, size: int) -> None:
+    """Rows for new tokens in the text encoder's embedding table. Under retrained concept rows
+    (adapter.concept_tokens, a PEFT layer over the table) the table itself grows and the layer stays on top:
+    resizing the layer's model would put a plain table in its place and silently drop the erasure."""
+    table = encoder.get_input_embeddings()
+    layer = table if isinstance(table, BaseTunerLayer) else None
+    if layer is not None:
+        encoder.set_input_embeddings(layer.get_base_layer())
+    encoder.resize_token_embeddings(size)
+    if layer is not None:
+        layer.base_layer = encoder.get_input_embeddings()
+        encoder.set_input_embeddings(layer)
+
+
 def word_embeddings(pipe, words: list[str], what: str = "--init") -> torch.Tensor:
     """The input embeddings of words, one row each (a word of several tokens: their mean); `what` names the
-    setting the words came from, for the error."""
-    table = pipe.text_encoder.get_input_embeddings().weight.detach()
+    setting the words came from, for the error. The rows are read through the embedding layer, so an erasure
+    that retrains a word's row (adapter.concept_tokens) is seen as the attacker of the erased model sees it."""
+    table = pipe.text_encoder.get_input_embeddings()
     rows = []
     for word in words:
         ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
         known = [i for i in ids if i != pipe.tokenizer.unk_token_id]
         if not known:
             raise EsdLoraError(f"{what}: the tokenizer does not know {word!r}")
-        rows.append(table[known].float().mean(0))
+        with torch.no_grad():
+            rows.append(table(torch.tensor(known, device=table.weight.device)).float().mean(0))
     return torch.stack(rows)
 
 

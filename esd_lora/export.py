@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import LORA_METADATA_KEY, TEXT_PREFIX, adapter_file, adapter_provenance
+from .adapter import LORA_METADATA_KEY, TEXT_PREFIX, TOKEN_ROWS, adapter_file, adapter_provenance
 from .errors import AdapterError, ExportError
 from .io import atomic_save_safetensors, check_output
 from .provenance import PREFIX, AdapterProvenance, read_metadata
@@ -268,6 +268,9 @@ def export_adapter(path: str | Path, out: str | Path, fmt: str = "kohya", overwr
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ExportError(f"{out}: an exported adapter must end in .safetensors")
+    if any(TOKEN_ROWS in k for k in tensors):
+        raise ExportError(f"adapter {path}: it retrains token embeddings (adapter.concept_tokens), which no LoRA "
+                          "loader reads; merge it into the model instead (esd-lora merge, --single-file)")
     if fmt == "diffusers":
         atomic_save_safetensors(tensors, out, metadata=meta)
         return out

@@ -75,7 +75,11 @@ class AdapterSection:
 
     targets: the UNet's layers. text_encoder: the text encoder's layers to adapt as well (a preset `attn`,
     `mlp` or `all`, a regex or a list; empty: none), with the same rank and alpha: the erasure can then
-    change what the concept's words mean before the UNet reads them, where a learned token enters too."""
+    change what the concept's words mean before the UNet reads them, where a learned token enters too.
+    concept_tokens: train the text encoder's input embedding of the words that name the concept (the words of
+    concept.prompts that no context, neutral or preserve prompt uses) and nothing else of it: every prompt
+    without those words is encoded exactly as before, so the erasure cannot reach other concepts' prompts
+    through the text encoder. Not with text_encoder (one text-encoder adapter at a time)."""
 
     kind: Literal["lora", "none"] = "lora"
     rank: int = 4
@@ -84,6 +88,7 @@ class AdapterSection:
     init: Literal["default", "gaussian"] = "default"
     targets: str | list[str] = "esd-x"
     text_encoder: str | list[str] = ""
+    concept_tokens: bool = False
 
 
 @dataclass
@@ -295,6 +300,11 @@ def _check(recipe: Recipe) -> None:
     ]
     if a.text_encoder and a.kind != "lora":
         rules.append(("adapter.text_encoder", False, "a text-encoder adapter needs adapter.kind lora"))
+    if a.concept_tokens and a.kind != "lora":
+        rules.append(("adapter.concept_tokens", False, "trained token embeddings need adapter.kind lora"))
+    if a.concept_tokens and a.text_encoder:
+        rules.append(("adapter.concept_tokens", False, "give either adapter.text_encoder or concept_tokens, "
+                      "not both: the text encoder takes one adapter"))
     if any(c.count("{}") != 1 for c in recipe.concept.contexts):
         rules.append(("concept.contexts", False, "each context needs exactly one {} where the prompt goes"))
     if any(c.count("{}") != 1 for c in recipe.attack.templates):

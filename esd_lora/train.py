@@ -31,8 +31,9 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, TEXT_PREFIX, WEIGHTS_NAME, add_text_lora, lora_config,
-                      save_lora, select_modules, select_text_modules)
+from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, TEXT_PREFIX, WEIGHTS_NAME, add_text_adapter,
+                      concept_token_ids, lora_config, save_lora, select_modules, select_text_modules,
+                      token_config)
 from .adversary import Adversary
 from .io import atomic_dir, atomic_save_safetensors, atomic_write_json, atomic_write_text
 from .latents import GuidedRuns, PartialRuns, RefreshedTrajectories
@@ -103,14 +104,15 @@ def setup_model(recipe: Recipe, unet: torch.nn.Module, pipe=None) -> TrainedMode
     text encoder gets an adapter too (off in the teacher). Trainable weights are kept in fp32."""
     unet.requires_grad_(False)
     modules = select_modules(unet, recipe.adapter.targets)
-    text_modules = select_text_modules(pipe, recipe.adapter.text_encoder) if pipe is not None else []
+    a = recipe.adapter
+    text_modules = select_text_modules(pipe, a.text_encoder, a.concept_tokens) if pipe is not None else []
     text_encoder = pipe.text_encoder if text_modules else None
-    if recipe.adapter.kind == "lora":
-        a = recipe.adapter
+    if a.kind == "lora":
         torch.manual_seed(recipe.train.seed)  # LoRA A matrices are drawn from the global generator
         unet.add_adapter(lora_config(a.rank, a.alpha, a.dropout, a.init, modules), adapter_name=ADAPTER_NAME)
         if text_encoder is not None:
-            add_text_lora(text_encoder, lora_config(a.rank, a.alpha, a.dropout, a.init, text_modules))
+            add_text_adapter(text_encoder, token_config(text_encoder, concept_token_ids(pipe.tokenizer, recipe.concept))
+                             if a.concept_tokens else lora_config(a.rank, a.alpha, a.dropout, a.init, text_modules))
         teacher = lambda: adapters_off(unet, text_encoder)  # noqa: E731
     else:
         frozen_copy = copy.deepcopy(unet)

@@ -77,16 +77,18 @@ def tiny_model(request, tiny_models) -> tuple[str, Path]:
 
 
 def make_adapter(model: Path, out: Path, prompts: list[str], targets: str = "esd-x", seed: int = 0,
-                 alpha: float = 8.0, text_encoder: str = "") -> Path:
+                 alpha: float = 8.0, text_encoder: str = "", concept_tokens: bool = False) -> Path:
     """An adapter folder for a tiny model, with random (non-zero) LoRA weights and the provenance
     header a trained one has: merging and exporting only need a delta, not a good erasure. With
-    `text_encoder` (a preset), the text encoder gets an adapter too."""
+    `text_encoder` (a preset), the text encoder gets an adapter too; with `concept_tokens`, the embedding
+    rows of the prompts' words that the preserve prompt ('a blue shape') does not use are retrained."""
     import json
 
-    from esd_lora.adapter import (ADAPTER_NAME, WEIGHTS_NAME, add_text_lora, lora_config, save_lora, select_modules,
-                                  select_text_modules)
+    from esd_lora.adapter import (ADAPTER_NAME, WEIGHTS_NAME, add_text_adapter, concept_token_ids, lora_config,
+                                  save_lora, select_modules, select_text_modules, token_config)
     from esd_lora.models import load_pipeline
     from esd_lora.provenance import AdapterProvenance, base_identity
+    from esd_lora.recipe import ConceptSection
 
     pipe = load_pipeline(str(model))
     unet = pipe.unet
@@ -94,14 +96,19 @@ def make_adapter(model: Path, out: Path, prompts: list[str], targets: str = "esd
                                           target_spec=targets, base_model=str(model),
                                           training_started_at=1764140000.5).to_metadata()
     unet.add_adapter(lora_config(4, alpha, 0.0, "default", select_modules(unet, targets)), adapter_name=ADAPTER_NAME)
-    text = pipe.text_encoder if text_encoder else None
-    if text is not None:
-        add_text_lora(text, lora_config(4, alpha, 0.0, "default", select_text_modules(pipe, text_encoder)))
+    text = pipe.text_encoder if text_encoder or concept_tokens else None
+    if concept_tokens:
+        concept = ConceptSection(prompts=prompts, preserve=["a blue shape"])
+        add_text_adapter(text, token_config(text, concept_token_ids(pipe.tokenizer, concept)))
+    elif text is not None:
+        add_text_adapter(text, lora_config(4, alpha, 0.0, "default", select_text_modules(pipe, text_encoder)))
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in [*unet.named_parameters(), *(text.named_parameters() if text is not None else ())]:
             if "lora_" in name:
                 p.normal_(0, 0.2)
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))
     out.mkdir(parents=True, exist_ok=True)
     save_lora(unet, out / WEIGHTS_NAME, metadata, text)
     (out / "recipe.yaml").write_text(f"concept:\n  prompts: {json.dumps(prompts)}\n  preserve: ['a blue shape']\n")
@@ -117,6 +124,8 @@ def tiny_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
         "star": make_adapter(tiny_models["sd1"], root / "star", ["a star"], targets="esd-x-strict", seed=2),
         "sd2": make_adapter(tiny_models["sd2"], root / "sd2", ["a red shape"], seed=3),
         "red_te": make_adapter(tiny_models["sd1"], root / "red_te", ["a red shape"], seed=4, text_encoder="attn"),
+        "red_tokens": make_adapter(tiny_models["sd1"], root / "red_tokens", ["a red shape", "a crimson shape"], seed=5,
+                                   concept_tokens=True),
     }
 
 

@@ -54,3 +54,16 @@ def test_shipped_reference_adapters_match_the_shipped_toy_model():
     base = unet_sha256(load_pipeline("toy"))
     for folder in folders:
         assert read_metadata(adapter_file(folder))["esd_lora.base_unet_sha256"] == base, folder.name
+
+
+def test_concept_tokens_are_the_words_only_the_concept_prompts_use(tmp_path):
+    from esd_lora.adapter import concept_token_ids
+    from esd_lora.recipe import ConceptSection
+    from esd_lora.toy.vocab import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    concept = ConceptSection(prompts=["red", "crimson star"], contexts=["a photo of a {} star"],
+                             preserve=["red", "orange"])
+    assert concept_token_ids(tok, concept) == sorted(tok.convert_tokens_to_ids(["red", "crimson"]))
+    with pytest.raises(TargetError, match="adapter.concept_tokens: every word"):
+        concept_token_ids(tok, ConceptSection(prompts=["a star"], preserve=["a blue star"]))

@@ -78,3 +78,21 @@ def test_the_robust_attacker_saves_and_restores_its_tokens_and_conditions_its_pr
     assert cond.shape[0] == 3 and not cond.requires_grad
     soft = Adversary(pipe, "soft-prompt", AttackSection(tokens=3), "a red shape", x0, ["a red shape"] * 4, seed=0)
     assert soft.prompts == ["<esd-robust-soft-prompt> a red shape"] and len(soft.tokens.names) == 3
+
+
+def test_new_tokens_leave_an_erasures_retrained_concept_rows_in_place(tiny_models, tiny_adapters):
+    from esd_lora.adapter import load_adapters
+
+    pipe, base = load_pipeline(str(tiny_models["sd1"])), load_pipeline(str(tiny_models["sd1"]))
+    load_adapters(pipe, [tiny_adapters["red_tokens"]])
+
+    def encode(p, prompt):
+        with torch.no_grad():
+            return p.encode_prompt(prompt, "cpu", 1, do_classifier_free_guidance=False)[0]
+
+    erased = encode(pipe, "a crimson star")
+    assert not torch.equal(erased, encode(base, "a crimson star"))
+    tokens = LearnedTokens(pipe, word_embeddings(pipe, ["crimson"]))  # the table grows by a row for the token
+    assert torch.equal(encode(pipe, "a crimson star"), erased)
+    with torch.no_grad():  # the attacker starts from the word as the erased model reads it
+        assert torch.equal(tokens.encode([f"a {tokens.text} star"]), erased)

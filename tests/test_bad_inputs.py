@@ -268,6 +268,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "attack.weight=.nan": "attack.weight", "attack.templates=[no-slot]": "attack.templates",
         "attack.batch=0": "attack.batch", "adapter.text_encoder=(": "adapter.text_encoder",
         "adapter.text_encoder=conv_in": "adapter.text_encoder", "adapter.text_encoder=[nowhere]": "adapter.text_encoder",
+        "adapter.concept_tokens=maybe": "adapter.concept_tokens",
     }
     for override, words in overrides.items():
         cases.append((f"train-override-{override}", ["train", "{recipes}/good.yaml", override], words))
@@ -304,6 +305,12 @@ def _cases() -> list[tuple[str, list[str], str]]:
          "adapter.text_encoder"),
         ("train-text-encoder-sdxl", ["train", "{recipes}/good.yaml", "model.id={sdxl}", "adapter.text_encoder=attn"],
          "adapter.text_encoder"),
+        ("train-concept-tokens-sdxl", ["train", "{recipes}/good.yaml", "model.id={sdxl}", "adapter.concept_tokens=true"],
+         "adapter.concept_tokens"),
+        ("train-concept-tokens-no-own-word", ["train", "{recipes}/good.yaml", "adapter.concept_tokens=true",
+                                              "concept.erase_from=[a red shape]"], "adapter.concept_tokens"),
+        ("train-concept-tokens-and-text-encoder", ["train", "{recipes}/good.yaml", "adapter.concept_tokens=true",
+                                                   "adapter.text_encoder=attn"], "adapter.concept_tokens"),
         ("train-attack-init-unknown", ["train", "{recipes}/good.yaml", "attack.methods=[ti]", "attack.init=zzz",
                                        "attack.images=1"], "attack.init"),
         ("attack-no-scorer", ["attack", "{model}", "--concept", "red", "--out", "{root}/a"], "--clip"),

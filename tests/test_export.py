@@ -183,3 +183,10 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("esd-lora: error:") for line in err)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_retrained_token_rows_are_not_exported_as_a_lora_no_loader_would_read(fmt, tiny_adapters, tmp_path):
+    with pytest.raises(ExportError, match="retrains token embeddings.*merge it"):
+        export_adapter(tiny_adapters["red_tokens"], tmp_path / "out.safetensors", fmt)
+    assert not (tmp_path / "out.safetensors").exists()

@@ -167,3 +167,24 @@ def test_merge_replaces_only_what_it_is_asked_to_and_never_an_input(tiny_models,
     assert main(["merge", str(adapter), "--base", base, "--out", str(kept), "--overwrite"]) == 0
     assert (kept / "model_index.json").is_file() and not (kept / "notes.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or .old left
+
+
+def test_retrained_token_rows_merge_into_the_text_encoder_as_they_draw_live(tiny_models, tiny_adapters, tmp_path):
+    adapters = [tiny_adapters["red_tokens"], tiny_adapters["red_te"]]
+    out = merge(str(tiny_models["sd1"]), adapters, tmp_path / "merged")
+    merged, live, base = (load_pipeline(str(p)) for p in (out, tiny_models["sd1"], tiny_models["sd1"]))
+    load_adapters(live, adapters)
+    assert not any("token_adapter" in k or "trainable_tokens" in k for k in merged.text_encoder.state_dict())
+    assert (_embeds(live, "a crimson star") - _embeds(base, "a crimson star")).abs().max() > 1e-3
+    assert (_embeds(merged, "a crimson star") - _embeds(live, "a crimson star")).abs().max() <= 1e-5
+    images = [generate(p, ["a crimson shape"] * 2, [0, 1], steps=3, progress=False) for p in (merged, live)]
+    assert (images[0] - images[1]).abs().max() <= 1e-5
+    assert verify(out, str(tiny_models["sd1"]), adapters)["max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("weights, message", [([1.0, 1.0], "retrains token"), ([0.5], "cannot be weighted")])
+def test_token_rows_are_neither_weighted_nor_retrained_twice(weights, message, tiny_models, tiny_adapters, tmp_path):
+    adapters = [tiny_adapters["red_tokens"]] * len(weights)
+    with pytest.raises(AdapterError, match=message):
+        merge(str(tiny_models["sd1"]), adapters, tmp_path / "merged", weights=weights)
+    assert not (tmp_path / "merged").exists()

@@ -225,3 +225,33 @@ def test_fp16_autocast_on_a_cpu_says_in_one_line_that_it_computes_in_the_weights
         AcceleratorState._reset_state(True)
     warnings = [line for line in capsys.readouterr().err.splitlines() if "mixed_precision" in line]
     assert len(warnings) == 1 and "needs a GPU" in warnings[0] and "model.dtype fp32" in warnings[0]
+
+
+def test_concept_tokens_retrain_only_the_concepts_words_and_leave_every_other_prompt_as_it_was(tiny_models, tmp_path):
+    from esd_lora.models import Conditioner
+
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "tok", lr=0.05)
+    recipe.adapter.concept_tokens = True
+    train(recipe, progress=False)
+    weights = load_file(str(tmp_path / "tok" / WEIGHTS_NAME))
+    rows = weights["text_encoder.text_model.embeddings.token_embedding.trainable_tokens_delta"]
+    pipe, base = load_pipeline(str(tiny_models["sd1"])), load_pipeline(str(tiny_models["sd1"]))
+    words = pipe.tokenizer.convert_tokens_to_ids(["crimson", "red"])  # "a", "shape" are in the preserve prompt
+    assert rows.shape == (2, pipe.text_encoder.config.hidden_size)
+    assert not torch.allclose(rows, base.text_encoder.get_input_embeddings().weight[words])  # it trained
+    assert json.loads(read_metadata(tmp_path / "tok" / WEIGHTS_NAME)["esd_lora.targets"])[-1] == \
+        "text_encoder.embeddings.token_embedding"
+    load_adapters(pipe, [tmp_path / "tok"])
+    for prompt, changed in (("a blue shape", False), ("a crimson star", True)):
+        embeds = [Conditioner(p, "cpu", torch.float32)([prompt])["encoder_hidden_states"] for p in (pipe, base)]
+        assert torch.equal(*embeds) is not changed
+
+
+def test_concept_tokens_are_refused_in_one_line_where_they_cannot_go(tiny_models, tmp_path):
+    recipe = recipe_for(tiny_models["sdxl"], tmp_path / "x")
+    recipe.adapter.concept_tokens = True
+    with pytest.raises(EsdLoraError, match="adapter.concept_tokens: .*single-text-encoder"):
+        train(recipe, progress=False)
+    with pytest.raises(RecipeError, match="adapter.concept_tokens: give either"):
+        from_dict({"concept": {"prompts": ["red"]}, "adapter": {"concept_tokens": True, "text_encoder": "attn"}})
+    assert not (tmp_path / "x").exists()
