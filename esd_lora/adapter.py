@@ -286,11 +286,16 @@ def _activate_text_adapters(text_encoder: nn.Module, names: list[str], weights: 
 
     for module in text_encoder.modules():
         if isinstance(module, BaseTunerLayer):
-            own = [n for n in names if n in getattr(module, module.adapter_layer_names[0])]
+            own = [n for n in names if n in _held(module)]
             module.set_adapter(own)
             for n, w in zip(names, weights):
                 if n in own and hasattr(module, "set_scale"):
                     module.set_scale(n, w)
+
+
+def _held(layer) -> set[str]:
+    """The adapters a PEFT layer holds weights of (LoRA matrices, or token rows)."""
+    return set(getattr(layer, layer.adapter_layer_names[0]))
 
 
 def fuse_text_encoder_adapters(pipe, names: list[str]) -> None:
@@ -304,7 +309,7 @@ def fuse_text_encoder_adapters(pipe, names: list[str]) -> None:
     if text:
         for module in pipe.text_encoder.modules():
             if isinstance(module, BaseTunerLayer):
-                module.merge(adapter_names=[n for n in text if n in getattr(module, module.adapter_layer_names[0])])
+                module.merge(adapter_names=[n for n in text if n in _held(module)])
         recurse_remove_peft_layers(pipe.text_encoder)
         del pipe.text_encoder.peft_config
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .adversary import LearnedTokens, TokenFit, captions, check_single_encoder, image_latents, random_embeddings, word_embeddings
 from .errors import EsdLoraError
+from .objective import adapters_off
 from .sample import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
 METHODS = ("prompts", "ti", "soft-prompt")
@@ -62,15 +63,12 @@ class AttackSettings:
 @contextmanager
 def base_model(pipe, base_pipe):
     """The base model: a separately loaded one (an attack on a merged model), or the same pipeline with its
-    erasure adapters off."""
+    erasure adapters off, the text encoder's (LoRA layers or retrained token rows) too."""
     if base_pipe is not None:
         yield base_pipe
         return
-    pipe.unet.disable_adapters()
-    try:
+    with adapters_off(pipe.unet, pipe.text_encoder):
         yield pipe
-    finally:
-        pipe.unet.enable_adapters()
 
 
 class Audit:
@@ -123,8 +121,9 @@ class Audit:
         s = self.s
         images, texts = self.targets(method, renders)
         x0 = image_latents(self.pipe, images)
-        if method == "ti":
-            init = word_embeddings(self.pipe, [s.init or s.concept] * s.tokens)
+        if method == "ti":  # the word as the base reads it: an erasure that retrained its row does not hide it
+            with base_model(self.pipe, self.base_pipe) as base:
+                init = word_embeddings(base, [s.init or s.concept] * s.tokens)
         else:
             init = random_embeddings(self.pipe, s.tokens, s.seed)
         tokens = LearnedTokens(self.pipe, init, group=method)

@@ -90,17 +90,22 @@ def test_learned_tokens_load_in_diffusers_and_draw_what_the_attack_measured(tiny
     assert torch.allclose(generate(pipe, [f"a {learned.text} star"], [0], steps=2, progress=False), loaded, atol=1e-5)
 
 
-def test_an_attack_on_the_merged_model_gives_the_rate_of_the_attack_on_the_live_adapter(tiny_models, tiny_adapters,
-                                                                                          tmp_path):
+@pytest.mark.parametrize("name", ["red", "red_tokens"])
+def test_an_attack_on_the_merged_model_gives_the_rate_of_the_attack_on_the_live_adapter(name, tiny_models,
+                                                                                          tiny_adapters, tmp_path):
     from esd_lora.merge import merge
 
-    model, adapter = str(tiny_models["sd1"]), str(tiny_adapters["red"])
+    model, adapter = str(tiny_models["sd1"]), str(tiny_adapters[name])
     merged = merge(model, [adapter], tmp_path / "merged")
-    live, _, _ = attack(model, [adapter], RednessScorer(), settings(methods=["ti"]), progress=False)
-    folded, _, _ = attack(model, [], RednessScorer(), settings(methods=["ti"]), erased_model=str(merged),
-                          progress=False)
+    live, _, _ = attack(model, [adapter], RednessScorer(), settings(methods=["ti", "soft-prompt"]), progress=False)
+    folded, _, _ = attack(model, [], RednessScorer(), settings(methods=["ti", "soft-prompt"]),
+                          erased_model=str(merged), progress=False)
     assert folded["erased_model"] == str(merged)
     assert without_times(folded)["attacks"] == without_times(live)["attacks"]
+    # the base under the same attack is the base, with every adapter off (the text encoder's retrained rows too)
+    base, _, _ = attack(model, [], RednessScorer(), settings(methods=["ti", "soft-prompt"]), progress=False)
+    assert [live["attacks"][m]["base_rate"] for m in ("ti", "soft-prompt")] == \
+        [base["attacks"][m]["rate"] for m in ("ti", "soft-prompt")]
 
 
 def test_attack_refuses_what_it_cannot_measure(tiny_models, tiny_adapters):
