@@ -33,16 +33,20 @@ def test_merged_pipeline_equals_base_plus_adapters_and_has_no_lora_left(tiny_mod
     assert (images[0] - images[1]).abs().max() <= 1e-5
 
 
-def test_a_text_encoder_adapter_merges_into_both_models_as_it_draws_live(tiny_models, tiny_adapters, tmp_path):
-    adapters = [tiny_adapters["red_te"], tiny_adapters["star"]]
+# LoRA layers in the text encoder; and retrained token rows (adapter.concept_tokens) beside another adapter's layers
+@pytest.mark.parametrize("names, prompt", [(["red_te", "star"], "a red shape"),
+                                           (["red_tokens", "red_te"], "a crimson shape")])
+def test_a_text_encoder_adapter_merges_into_both_models_as_it_draws_live(names, prompt, tiny_models, tiny_adapters,
+                                                                         tmp_path):
+    adapters = [tiny_adapters[n] for n in names]
     out = merge(str(tiny_models["sd1"]), adapters, tmp_path / "merged")
     merged, live, base = (load_pipeline(str(p)) for p in (out, tiny_models["sd1"], tiny_models["sd1"]))
     load_adapters(live, adapters)
-    assert not any("lora" in k or "base_layer" in k for k in merged.text_encoder.state_dict())
+    assert not any(w in k for k in merged.text_encoder.state_dict() for w in ("lora", "base_layer", "trainable_tokens"))
 
-    assert (_embeds(live, "a red shape") - _embeds(base, "a red shape")).abs().max() > 1e-3  # the text encoder's adapter does something
-    assert (_embeds(merged, "a red shape") - _embeds(live, "a red shape")).abs().max() <= 1e-5
-    images = [generate(p, ["a red shape"] * 2, [0, 1], steps=3, progress=False) for p in (merged, live)]
+    assert (_embeds(live, prompt) - _embeds(base, prompt)).abs().max() > 1e-3  # the text encoder's adapter does something
+    assert (_embeds(merged, prompt) - _embeds(live, prompt)).abs().max() <= 1e-5
+    images = [generate(p, [prompt] * 2, [0, 1], steps=3, progress=False) for p in (merged, live)]
     assert (images[0] - images[1]).abs().max() <= 1e-5
     result = verify(out, str(tiny_models["sd1"]), adapters)
     assert result["max_abs_diff"] == 0.0 and result["tensors"]["text_encoder.encoder.layers.0.self_attn.q_proj.weight"] == 0
@@ -167,19 +171,6 @@ def test_merge_replaces_only_what_it_is_asked_to_and_never_an_input(tiny_models,
     assert main(["merge", str(adapter), "--base", base, "--out", str(kept), "--overwrite"]) == 0
     assert (kept / "model_index.json").is_file() and not (kept / "notes.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or .old left
-
-
-def test_retrained_token_rows_merge_into_the_text_encoder_as_they_draw_live(tiny_models, tiny_adapters, tmp_path):
-    adapters = [tiny_adapters["red_tokens"], tiny_adapters["red_te"]]
-    out = merge(str(tiny_models["sd1"]), adapters, tmp_path / "merged")
-    merged, live, base = (load_pipeline(str(p)) for p in (out, tiny_models["sd1"], tiny_models["sd1"]))
-    load_adapters(live, adapters)
-    assert not any("token_adapter" in k or "trainable_tokens" in k for k in merged.text_encoder.state_dict())
-    assert (_embeds(live, "a crimson star") - _embeds(base, "a crimson star")).abs().max() > 1e-3
-    assert (_embeds(merged, "a crimson star") - _embeds(live, "a crimson star")).abs().max() <= 1e-5
-    images = [generate(p, ["a crimson shape"] * 2, [0, 1], steps=3, progress=False) for p in (merged, live)]
-    assert (images[0] - images[1]).abs().max() <= 1e-5
-    assert verify(out, str(tiny_models["sd1"]), adapters)["max_abs_diff"] == 0.0
 
 
 @pytest.mark.parametrize("weights, message", [([1.0, 1.0], "retrains token"), ([0.5], "cannot be weighted")])
