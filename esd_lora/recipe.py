@@ -95,6 +95,10 @@ class AdapterSection:
 class TrainSection:
     """Optimisation and the x_t sampler. sampler `trained` is the paper's (the adapter on); `frozen` uses the base.
 
+    token_lr: the lr of retrained token rows (adapter.concept_tokens; default train.lr), on the same schedule.
+    Adam moves every weight by about the lr per step, and an embedding's entries are much smaller than a LoRA
+    matrix's, so at the LoRA's lr the rows leave the region real words' embeddings occupy.
+
     refresh_every 1 is the paper's sampling: a fresh partial DDIM run for every step, most of a step's
     compute. N > 1 samples one full run of `batch` images every N steps and trains each step on a latent
     of each image at a random index (one run covers every index), with the current adapter at each refresh.
@@ -102,6 +106,7 @@ class TrainSection:
 
     steps: int = 200
     lr: float = 1e-3
+    token_lr: float | None = None
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "cosine"] = "constant"
     batch: int = 1
@@ -281,6 +286,7 @@ def _check(recipe: Recipe) -> None:
         ("adapter.targets", bool(a.targets), "must name a preset, a regex or a list of modules"),
         ("train.steps", 1 <= t.steps <= 10_000_000, "must be in [1, 1e7]"),
         ("train.lr", 0 < t.lr <= 1, "must be in (0, 1]"),
+        ("train.token_lr", t.token_lr is None or 0 < t.token_lr <= 1, "must be in (0, 1]"),
         ("train.warmup_steps", 0 <= t.warmup_steps <= t.steps, "must be in [0, train.steps]"),
         ("train.batch", 1 <= t.batch <= 1024, "must be in [1, 1024]"),
         ("train.ddim_steps", 1 <= t.ddim_steps <= 1000, "must be in [1, 1000]"),

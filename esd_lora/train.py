@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, TEXT_PREFIX, WEIGHTS_NAME, add_text_adapter,
+from .adapter import (ADAPTER_NAME, CLASSIC_WEIGHTS_NAME, TEXT_PREFIX, TOKEN_ROWS, WEIGHTS_NAME, add_text_adapter,
                       concept_token_ids, lora_config, save_lora, select_modules, select_text_modules,
                       token_config)
 from .adversary import Adversary
@@ -48,18 +48,20 @@ from .sampler import loss_timestep
 RUN_FILES = (WEIGHTS_NAME, CLASSIC_WEIGHTS_NAME, "adapter_config.json", "recipe.yaml", "log.jsonl", "summary.json")
 
 
-def make_optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """adamw8bit from bitsandbytes when it runs on the parameters' device, else torch AdamW with a warning."""
+def make_optimizer(name: str, params: list[torch.nn.Parameter] | list[dict], lr: float) -> torch.optim.Optimizer:
+    """adamw8bit from bitsandbytes when it runs on the parameters' device, else torch AdamW with a warning.
+    `params`: parameters, or torch's parameter groups."""
+    device = (params[0]["params"][0] if isinstance(params[0], dict) else params[0]).device
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
 
-            probe = torch.zeros(4096, device=params[0].device, requires_grad=True)
+            probe = torch.zeros(4096, device=device, requires_grad=True)
             probe.grad = torch.ones_like(probe)
             bnb.optim.AdamW8bit([probe], lr=1e-3).step()
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=0.0)
         except Exception as err:  # any failure of the optional backend means: fall back, never crash
-            print(f"warning: bitsandbytes AdamW8bit unavailable on {params[0].device} ({reason(err)}); "
+            print(f"warning: bitsandbytes AdamW8bit unavailable on {device} ({reason(err)}); "
                   f"using torch AdamW", file=sys.stderr)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -89,11 +91,13 @@ def step_random(seed: int, step: int, process: int) -> tuple[torch.Generator, ra
 @dataclass
 class TrainedModel:
     """The UNet being trained (and its text encoder, when adapted too), their trainable layers (the text
-    encoder's prefixed `text_encoder.`) and parameters, and the frozen teacher."""
+    encoder's prefixed `text_encoder.`) and parameters, the optimizer's parameter groups (each with the
+    `scale` of train.lr it trains at), and the frozen teacher."""
 
     unet: torch.nn.Module
     modules: list[str]
     params: list[torch.nn.Parameter]
+    groups: list[dict]
     teacher: Callable[[], AbstractContextManager]  # yields the frozen model
     text_encoder: torch.nn.Module | None = None
 
@@ -119,13 +123,19 @@ def setup_model(recipe: Recipe, unet: torch.nn.Module, pipe=None) -> TrainedMode
         teacher = lambda: nullcontext(frozen_copy)  # noqa: E731
         for name in modules:
             unet.get_submodule(name).requires_grad_(True)
-    params = [p for model in (unet, text_encoder) if model is not None for p in model.parameters() if p.requires_grad]
-    for p in params:
+    named = [(n, p) for model in (unet, text_encoder) if model is not None for n, p in model.named_parameters()
+             if p.requires_grad]
+    for _, p in named:
         p.data = p.data.float()
+    rows = [p for n, p in named if TOKEN_ROWS in n]  # retrained token rows train at their own lr
+    groups = [{"params": [p for n, p in named if TOKEN_ROWS not in n], "scale": 1.0}]
+    if rows:
+        groups.append({"params": rows, "scale": (recipe.train.token_lr or recipe.train.lr) / recipe.train.lr})
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], params, teacher, text_encoder)
+    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], [p for _, p in named], groups, teacher,
+                        text_encoder)
 
 
 def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[list[str]], dict],
@@ -207,7 +217,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         if part is not None:
             part.requires_grad_(False)
     base, model = base_identity(pipe), setup_model(recipe, pipe.unet, pipe)
-    student, optimizer = accelerator.prepare(model.unet, make_optimizer(cfg.optimizer, model.params, cfg.lr))
+    student, optimizer = accelerator.prepare(model.unet, make_optimizer(cfg.optimizer, model.groups, cfg.lr))
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     conditioner = Conditioner(pipe, accelerator.device, model.unet.dtype, cache=model.text_encoder is None)
     source = latent_source(recipe, model.unet, conditioner, scheduler)
@@ -222,7 +232,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         gen, rng = step_random(cfg.seed, step, accelerator.process_index)
         lr = learning_rate(cfg, step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         latents = source.draw(step, gen, rng, sampling)
         if adversaries and step % recipe.attack.every == 0:
             with accelerator.autocast():

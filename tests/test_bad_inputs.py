@@ -268,7 +268,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "attack.weight=.nan": "attack.weight", "attack.templates=[no-slot]": "attack.templates",
         "attack.batch=0": "attack.batch", "adapter.text_encoder=(": "adapter.text_encoder",
         "adapter.text_encoder=conv_in": "adapter.text_encoder", "adapter.text_encoder=[nowhere]": "adapter.text_encoder",
-        "adapter.concept_tokens=maybe": "adapter.concept_tokens",
+        "adapter.concept_tokens=maybe": "adapter.concept_tokens", "train.token_lr=0": "train.token_lr",
     }
     for override, words in overrides.items():
         cases.append((f"train-override-{override}", ["train", "{recipes}/good.yaml", override], words))

@@ -236,7 +236,7 @@ def test_concept_tokens_retrain_only_the_concepts_words_and_leave_every_other_pr
     weights = load_file(str(tmp_path / "tok" / WEIGHTS_NAME))
     rows = weights["text_encoder.text_model.embeddings.token_embedding.trainable_tokens_delta"]
     pipe, base = load_pipeline(str(tiny_models["sd1"])), load_pipeline(str(tiny_models["sd1"]))
-    words = pipe.tokenizer.convert_tokens_to_ids(["crimson", "red"])  # "a", "shape" are in the preserve prompt
+    words = sorted(pipe.tokenizer.convert_tokens_to_ids(["red", "crimson"]))  # "a", "shape" are in the preserve prompt
     assert rows.shape == (2, pipe.text_encoder.config.hidden_size)
     assert not torch.allclose(rows, base.text_encoder.get_input_embeddings().weight[words])  # it trained
     assert json.loads(read_metadata(tmp_path / "tok" / WEIGHTS_NAME)["esd_lora.targets"])[-1] == \
@@ -245,6 +245,18 @@ def test_concept_tokens_retrain_only_the_concepts_words_and_leave_every_other_pr
     for prompt, changed in (("a blue shape", False), ("a crimson star", True)):
         embeds = [Conditioner(p, "cpu", torch.float32)([prompt])["encoder_hidden_states"] for p in (pipe, base)]
         assert torch.equal(*embeds) is not changed
+
+
+def test_retrained_token_rows_train_at_their_own_lr(tiny_models, tmp_path):
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "slow", lr=1e-2, token_lr=1e-8)
+    recipe.adapter.concept_tokens = True
+    train(recipe, progress=False)
+    weights = load_file(str(tmp_path / "slow" / WEIGHTS_NAME))
+    rows = weights["text_encoder.text_model.embeddings.token_embedding.trainable_tokens_delta"]
+    pipe = load_pipeline(str(tiny_models["sd1"]))
+    base = pipe.text_encoder.get_input_embeddings().weight[sorted(pipe.tokenizer.convert_tokens_to_ids(["red", "crimson"]))]
+    assert (rows - base).abs().max() < 1e-6  # Adam moves a weight by about its lr per step: 3 steps of 1e-8
+    assert any(v.abs().max() > 1e-3 for k, v in weights.items() if "lora_B" in k)  # the LoRA at train.lr
 
 
 def test_concept_tokens_are_refused_in_one_line_where_they_cannot_go(tiny_models, tmp_path):
