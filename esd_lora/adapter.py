@@ -86,8 +86,7 @@ def concept_token_ids(tokenizer, concept) -> list[int]:
     def ids(texts: list[str]) -> set[int]:
         return {i for t in texts for i in tokenizer(t, add_special_tokens=False).input_ids}
 
-    others = [c.replace("{}", " ") for c in concept.contexts] + concept.erase_from + [
-        p for p in concept.preserve if p not in concept.prompts]
+    others = [c.replace("{}", " ") for c in concept.contexts] + concept.erase_from + concept.trained().preserve
     own = sorted(ids(concept.prompts) - ids(others) - {tokenizer.unk_token_id})
     if not own:
         raise TargetError("adapter.concept_tokens: every word of concept.prompts is also in a context, neutral or "
@@ -95,22 +94,24 @@ def concept_token_ids(tokenizer, concept) -> list[int]:
     return own
 
 
-def token_config(text_encoder: nn.Module, token_ids: list[int]):
-    """A PEFT TrainableTokensConfig for these rows of the text encoder's input embedding (they start as the
+def token_config(embedding: str, token_ids: list[int]):
+    """A PEFT TrainableTokensConfig for these rows of the embedding layer named `embedding` (they start as the
     base's rows, so the adapter starts as the identity)."""
     from peft import TrainableTokensConfig
 
-    return TrainableTokensConfig(target_modules=[embedding_name(text_encoder)], token_indices=list(token_ids))
+    return TrainableTokensConfig(target_modules=[embedding], token_indices=list(token_ids))
 
 
 def embedding_name(text_encoder: nn.Module) -> str:
-    """The full name of the text encoder's input token embedding."""
+    """The full name of the text encoder's input token embedding: transformers versions nest it differently,
+    and PEFT targets layers by name."""
     table = text_encoder.get_input_embeddings()
     return next(name for name, module in text_encoder.named_modules() if module is table)
 
 
 def text_config(config: dict):
-    """A text-encoder adapter config from its saved dict: LoRA layers, or trained token rows."""
+    """A text-encoder adapter config from its saved dict, of the PEFT method it names (LoRA layers, or trained
+    token rows), so that one loader reads both."""
     from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
     return PEFT_TYPE_TO_CONFIG_MAPPING[config.get("peft_type", "LORA")](**config)
@@ -208,7 +209,7 @@ def add_text_adapter(text_encoder: nn.Module, config, name: str = ADAPTER_NAME) 
     text_encoder.peft_config = {**configs, name: config}
 
 
-def _load_text_encoder_lora(pipe, path: str | Path, file: Path, name: str) -> bool:
+def _load_text_encoder_adapter(pipe, path: str | Path, file: Path, name: str) -> bool:
     """Load the adapter's text-encoder part, if it has one, under `name`; returns whether it had one."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -252,30 +253,30 @@ def load_adapters(pipe, paths: list[str | Path], weights: list[float] | None = N
         name = f"erase_{i}"
         pipe.unet.load_lora_adapter(str(file.parent), weight_name=file.name, prefix="unet", adapter_name=name)
         names.append(name)
-        if _load_text_encoder_lora(pipe, path, file, name):
+        if _load_text_encoder_adapter(pipe, path, file, name):
             text.append(i)
-            _check_token_rows(pipe.text_encoder, name, path, weights[i], rows)
+            _check_token_rows(pipe, name, path, weights[i], rows)
     pipe.unet.set_adapters(names, weights=weights)
     if text:
         _activate_text_adapters(pipe.text_encoder, [names[i] for i in text], [weights[i] for i in text])
     return names
 
 
-def _check_token_rows(text_encoder: nn.Module, name: str, path: str | Path, weight: float,
-                      rows: dict[int, str | Path]) -> None:
+def _check_token_rows(pipe, name: str, path: str | Path, weight: float, rows: dict[int, str | Path]) -> None:
     """Refuse what trained token rows cannot do: a weight (a row is replaced, not added to) and a token that two
     adapters both replace. `rows` collects the tokens taken so far and by which adapter."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    for module in text_encoder.modules():
+    for module in pipe.text_encoder.modules():
         if isinstance(module, TrainableTokensLayer) and name in module.token_indices:
             if weight != 1:
                 raise AdapterError(f"adapter {path}: it replaces token embeddings (adapter.concept_tokens), which "
                                    f"cannot be weighted; give it weight 1, not {weight:g}")
             for token in module.token_indices[name]:
                 if token in rows:
-                    raise AdapterError(f"adapter {path}: it retrains token {token}, which adapter {rows[token]} "
-                                       "retrains too; erasures of the same words cannot be stacked")
+                    word = pipe.tokenizer.convert_ids_to_tokens(token)
+                    raise AdapterError(f"adapter {path}: it retrains the embedding of {word!r}, which adapter "
+                                       f"{rows[token]} retrains too; erasures of the same words cannot be stacked")
                 rows[token] = path
 
 
@@ -287,15 +288,16 @@ def _activate_text_adapters(text_encoder: nn.Module, names: list[str], weights: 
     for module in text_encoder.modules():
         if isinstance(module, BaseTunerLayer):
             own = [n for n in names if n in _held(module)]
-            module.set_adapter(own)
+            module.set_adapter(own, inference_mode=True)  # loaded to draw with, not to train
             for n, w in zip(names, weights):
                 if n in own and hasattr(module, "set_scale"):
                     module.set_scale(n, w)
 
 
 def _held(layer) -> set[str]:
-    """The adapters a PEFT layer holds weights of (LoRA matrices, or token rows)."""
-    return set(getattr(layer, layer.adapter_layer_names[0]))
+    """The adapters a PEFT layer holds weights of (LoRA matrices, or token rows): a layer handed the name of
+    an adapter it does not hold fails (token rows) where it should ignore it."""
+    return {n for attr in layer.adapter_layer_names for n in getattr(layer, attr)}
 
 
 def fuse_text_encoder_adapters(pipe, names: list[str]) -> None:

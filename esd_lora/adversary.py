@@ -83,7 +83,7 @@ class LearnedTokens:
 def _grow_vocabulary(encoder, size: int) -> None:
     """Rows for new tokens in the text encoder's embedding table. Under retrained concept rows
     (adapter.concept_tokens, a PEFT layer over the table) the table itself grows and the layer stays on top:
-    resizing the layer's model would put a plain table in its place and silently drop the erasure."""
+    transformers refuses to resize a PEFT layer."""
     table = encoder.get_input_embeddings()
     layer = table if isinstance(table, BaseTunerLayer) else None
     if layer is not None:
@@ -96,17 +96,16 @@ def _grow_vocabulary(encoder, size: int) -> None:
 
 def word_embeddings(pipe, words: list[str], what: str = "--init") -> torch.Tensor:
     """The input embeddings of words, one row each (a word of several tokens: their mean); `what` names the
-    setting the words came from, for the error. The rows are read through the embedding layer, so an erasure
-    that retrains a word's row (adapter.concept_tokens) is seen as the attacker of the erased model sees it."""
-    table = pipe.text_encoder.get_input_embeddings()
+    setting the words came from, for the error. Under retrained rows (adapter.concept_tokens) they are the
+    base's rows (`.weight` is the table under the PEFT layer)."""
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
     rows = []
     for word in words:
         ids = pipe.tokenizer(word, add_special_tokens=False).input_ids
         known = [i for i in ids if i != pipe.tokenizer.unk_token_id]
         if not known:
             raise EsdLoraError(f"{what}: the tokenizer does not know {word!r}")
-        with torch.no_grad():
-            rows.append(table(torch.tensor(known, device=table.weight.device)).float().mean(0))
+        rows.append(table[known].float().mean(0))
     return torch.stack(rows)
 
 

@@ -30,6 +30,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     from .adapter import adapter_file, load_adapters
     from .io import check_output
     from .models import load_pipeline
+    from .objective import adapters_off
     from .sample import generate, save_png, to_pil_grid
 
     files = [adapter_file(path) for path in args.adapter]  # a missing adapter fails before any image is made
@@ -39,11 +40,10 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model)
     if args.adapter:
         load_adapters(pipe, args.adapter)  # checked against this base before any image is made
-        pipe.unet.disable_adapters()
     seeds = list(range(args.seed, args.seed + args.n))
-    rows = [generate(pipe, [args.prompt] * args.n, seeds, args.steps, args.guidance)]
+    with adapters_off(pipe.unet, pipe.text_encoder):  # the base row: every adapter off, the text encoder's too
+        rows = [generate(pipe, [args.prompt] * args.n, seeds, args.steps, args.guidance)]
     if args.adapter:
-        pipe.unet.enable_adapters()
         rows.append(generate(pipe, [args.prompt] * args.n, seeds, args.steps, args.guidance))
     save_png(to_pil_grid(torch.cat(rows), cols=args.n, scale=args.scale), args.out)
     if args.out_dir:

@@ -96,8 +96,9 @@ class TrainSection:
     """Optimisation and the x_t sampler. sampler `trained` is the paper's (the adapter on); `frozen` uses the base.
 
     token_lr: the lr of retrained token rows (adapter.concept_tokens; default train.lr), on the same schedule.
-    Adam moves every weight by about the lr per step, and an embedding's entries are much smaller than a LoRA
-    matrix's, so at the LoRA's lr the rows leave the region real words' embeddings occupy.
+    Adam moves every weight by about the lr per step and an embedding's entries are much smaller than a LoRA
+    matrix's: on the toy at lr 2e-3 the rows move 2-3 times their own length. A lower token_lr keeps them
+    near real words' embeddings, and leaves more of the erasure to the UNet's adapter.
 
     refresh_every 1 is the paper's sampling: a fresh partial DDIM run for every step, most of a step's
     compute. N > 1 samples one full run of `batch` images every N steps and trains each step on a latent
@@ -308,6 +309,8 @@ def _check(recipe: Recipe) -> None:
         rules.append(("adapter.text_encoder", False, "a text-encoder adapter needs adapter.kind lora"))
     if a.concept_tokens and a.kind != "lora":
         rules.append(("adapter.concept_tokens", False, "trained token embeddings need adapter.kind lora"))
+    if t.token_lr is not None and not a.concept_tokens:
+        rules.append(("train.token_lr", False, "sets the lr of retrained token rows; it needs adapter.concept_tokens"))
     if a.concept_tokens and a.text_encoder:
         rules.append(("adapter.concept_tokens", False, "give either adapter.text_encoder or concept_tokens, "
                       "not both: the text encoder takes one adapter"))

@@ -70,7 +70,7 @@ def fuse_adapters(pipe, adapters: list[str | Path], preserve: list[str] = (), pr
         else:
             new_weights[name] = w0 + sum(deltas)
     pipe.unet.unload_lora()
-    fuse_text_encoder_adapters(pipe, names)  # the text encoder's deltas are summed
+    fuse_text_encoder_adapters(pipe, names)  # the text encoder's LoRA deltas are summed, retrained rows replaced
     with torch.no_grad():
         for name, weight in new_weights.items():
             layer = pipe.unet.get_submodule(name)

@@ -91,13 +91,15 @@ def step_random(seed: int, step: int, process: int) -> tuple[torch.Generator, ra
 @dataclass
 class TrainedModel:
     """The UNet being trained (and its text encoder, when adapted too), their trainable layers (the text
-    encoder's prefixed `text_encoder.`) and parameters, the optimizer's parameter groups (each with the
-    `scale` of train.lr it trains at), and the frozen teacher."""
+    encoder's prefixed `text_encoder.`) and parameters, the optimizer's parameter groups and the share of
+    train.lr each trains at (kept out of the groups, which a checkpoint's optimizer state replaces), and the
+    frozen teacher."""
 
     unet: torch.nn.Module
     modules: list[str]
     params: list[torch.nn.Parameter]
     groups: list[dict]
+    scales: list[float]
     teacher: Callable[[], AbstractContextManager]  # yields the frozen model
     text_encoder: torch.nn.Module | None = None
 
@@ -115,7 +117,7 @@ def setup_model(recipe: Recipe, unet: torch.nn.Module, pipe=None) -> TrainedMode
         torch.manual_seed(recipe.train.seed)  # LoRA A matrices are drawn from the global generator
         unet.add_adapter(lora_config(a.rank, a.alpha, a.dropout, a.init, modules), adapter_name=ADAPTER_NAME)
         if text_encoder is not None:
-            add_text_adapter(text_encoder, token_config(text_encoder, concept_token_ids(pipe.tokenizer, recipe.concept))
+            add_text_adapter(text_encoder, token_config(text_modules[0], concept_token_ids(pipe.tokenizer, recipe.concept))
                              if a.concept_tokens else lora_config(a.rank, a.alpha, a.dropout, a.init, text_modules))
         teacher = lambda: adapters_off(unet, text_encoder)  # noqa: E731
     else:
@@ -128,14 +130,15 @@ def setup_model(recipe: Recipe, unet: torch.nn.Module, pipe=None) -> TrainedMode
     for _, p in named:
         p.data = p.data.float()
     rows = [p for n, p in named if TOKEN_ROWS in n]  # retrained token rows train at their own lr
-    groups = [{"params": [p for n, p in named if TOKEN_ROWS not in n], "scale": 1.0}]
+    groups, scales = [{"params": [p for n, p in named if TOKEN_ROWS not in n]}], [1.0]
     if rows:
-        groups.append({"params": rows, "scale": (recipe.train.token_lr or recipe.train.lr) / recipe.train.lr})
+        groups.append({"params": rows})
+        scales.append((recipe.train.token_lr or recipe.train.lr) / recipe.train.lr)
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], [p for _, p in named], groups, teacher,
-                        text_encoder)
+    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], [p for _, p in named], groups, scales,
+                        teacher, text_encoder)
 
 
 def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[list[str]], dict],
@@ -231,8 +234,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
     for step in bar:
         gen, rng = step_random(cfg.seed, step, accelerator.process_index)
         lr = learning_rate(cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["scale"]
+        for group, scale in zip(optimizer.param_groups, model.scales):
+            group["lr"] = lr * scale
         latents = source.draw(step, gen, rng, sampling)
         if adversaries and step % recipe.attack.every == 0:
             with accelerator.autocast():

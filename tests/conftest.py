@@ -99,7 +99,7 @@ def make_adapter(model: Path, out: Path, prompts: list[str], targets: str = "esd
     text = pipe.text_encoder if text_encoder or concept_tokens else None
     if concept_tokens:
         concept = ConceptSection(prompts=prompts, preserve=["a blue shape"])
-        add_text_adapter(text, token_config(text, concept_token_ids(pipe.tokenizer, concept)))
+        add_text_adapter(text, token_config(select_text_modules(pipe, "", True)[0], concept_token_ids(pipe.tokenizer, concept)))
     elif text is not None:
         add_text_adapter(text, lora_config(4, alpha, 0.0, "default", select_text_modules(pipe, text_encoder)))
     torch.manual_seed(seed)

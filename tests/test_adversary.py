@@ -94,5 +94,5 @@ def test_new_tokens_leave_an_erasures_retrained_concept_rows_in_place(tiny_model
     assert not torch.equal(erased, encode(base, "a crimson star"))
     tokens = LearnedTokens(pipe, word_embeddings(pipe, ["crimson"]))  # the table grows by a row for the token
     assert torch.equal(encode(pipe, "a crimson star"), erased)
-    with torch.no_grad():  # the attacker starts from the word as the erased model reads it
-        assert torch.equal(tokens.encode([f"a {tokens.text} star"]), erased)
+    with torch.no_grad():  # the attacker starts from the word as the base reads it: the erasure's row is undone
+        assert torch.equal(tokens.encode([f"a {tokens.text} star"]), encode(base, "a crimson star"))

@@ -269,6 +269,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "attack.batch=0": "attack.batch", "adapter.text_encoder=(": "adapter.text_encoder",
         "adapter.text_encoder=conv_in": "adapter.text_encoder", "adapter.text_encoder=[nowhere]": "adapter.text_encoder",
         "adapter.concept_tokens=maybe": "adapter.concept_tokens", "train.token_lr=0": "train.token_lr",
+        "train.token_lr=1e-4": "train.token_lr",
     }
     for override, words in overrides.items():
         cases.append((f"train-override-{override}", ["train", "{recipes}/good.yaml", override], words))

@@ -173,7 +173,7 @@ def test_merge_replaces_only_what_it_is_asked_to_and_never_an_input(tiny_models,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or .old left
 
 
-@pytest.mark.parametrize("weights, message", [([1.0, 1.0], "retrains token"), ([0.5], "cannot be weighted")])
+@pytest.mark.parametrize("weights, message", [([1.0, 1.0], "retrains the embedding of .red."), ([0.5], "cannot be weighted")])
 def test_token_rows_are_neither_weighted_nor_retrained_twice(weights, message, tiny_models, tiny_adapters, tmp_path):
     adapters = [tiny_adapters["red_tokens"]] * len(weights)
     with pytest.raises(AdapterError, match=message):

@@ -59,15 +59,21 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
 
 # refresh 3: the resumed run goes on with the checkpointed trajectories (of two images, or of two images and
 # two of the preserve prompt's own); robust: and with the attacker's tokens (refitted every 3 steps)
-# text: the text encoder is adapted too, and its adapter is checkpointed with the UNet's
+# text: the text encoder is adapted too (`tokens`: its concept rows, at their own lr), and its adapter is
+# checkpointed with the UNet's
 @pytest.mark.parametrize("refresh_every,batch,preserve_on,robust,text", [
     (1, 1, "erased", [], ""), (1, 1, "own", [], ""), (3, 2, "erased", [], ""), (3, 2, "own", [], ""),
-    (3, 2, "erased", ["ti"], ""), (1, 1, "erased", ["ti", "soft-prompt"], ""), (3, 2, "erased", ["ti"], "attn")])
+    (3, 2, "erased", ["ti"], ""), (1, 1, "erased", ["ti", "soft-prompt"], ""), (3, 2, "erased", ["ti"], "attn"),
+    (3, 2, "erased", ["ti"], "tokens")])
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every,
                                                                   batch, preserve_on, robust, text):
     def recipe(name):
         r = recipe_for(tiny_models["sd1"], tmp_path / name, steps=5, refresh_every=refresh_every, batch=batch)
-        r.concept.preserve_on, r.adapter.text_encoder = preserve_on, text
+        r.concept.preserve_on = preserve_on
+        if text == "tokens":
+            r.adapter.concept_tokens, r.train.token_lr = True, 3e-4
+        else:
+            r.adapter.text_encoder = text
         if robust:
             r.attack.methods, r.attack.every, r.attack.steps, r.attack.images, r.attack.batch = robust, 1, 2, 3, 2
             r.attack.restart_every = 2  # the resumed run restarts the attackers when the first one did
@@ -248,8 +254,8 @@ def test_concept_tokens_retrain_only_the_concepts_words_and_leave_every_other_pr
 
 
 def test_retrained_token_rows_train_at_their_own_lr(tiny_models, tmp_path):
-    recipe = recipe_for(tiny_models["sd1"], tmp_path / "slow", lr=1e-2, token_lr=1e-8)
-    recipe.adapter.concept_tokens = True
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "slow", lr=1e-2)
+    recipe.adapter.concept_tokens, recipe.train.token_lr = True, 1e-8
     train(recipe, progress=False)
     weights = load_file(str(tmp_path / "slow" / WEIGHTS_NAME))
     rows = weights["text_encoder.text_model.embeddings.token_embedding.trainable_tokens_delta"]
@@ -257,13 +263,3 @@ def test_retrained_token_rows_train_at_their_own_lr(tiny_models, tmp_path):
     base = pipe.text_encoder.get_input_embeddings().weight[sorted(pipe.tokenizer.convert_tokens_to_ids(["red", "crimson"]))]
     assert (rows - base).abs().max() < 1e-6  # Adam moves a weight by about its lr per step: 3 steps of 1e-8
     assert any(v.abs().max() > 1e-3 for k, v in weights.items() if "lora_B" in k)  # the LoRA at train.lr
-
-
-def test_concept_tokens_are_refused_in_one_line_where_they_cannot_go(tiny_models, tmp_path):
-    recipe = recipe_for(tiny_models["sdxl"], tmp_path / "x")
-    recipe.adapter.concept_tokens = True
-    with pytest.raises(EsdLoraError, match="adapter.concept_tokens: .*single-text-encoder"):
-        train(recipe, progress=False)
-    with pytest.raises(RecipeError, match="adapter.concept_tokens: give either"):
-        from_dict({"concept": {"prompts": ["red"]}, "adapter": {"concept_tokens": True, "text_encoder": "attn"}})
-    assert not (tmp_path / "x").exists()
