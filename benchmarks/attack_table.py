@@ -22,7 +22,8 @@ concept, 32 images each).
 `--variants "robust, esd-u" "robust, text encoder" "robust, concept tokens"` compares the modules the robust
 recipe trains: the same recipe with LoRA on everything but cross-attention (esd-u) instead of its K/V, on its
 K/V and on every projection of the text encoder, or on its K/V and the embeddings of the concept's own words
-(`adapter.concept_tokens`, with the concept left out of each context as neutral prompt).
+(`adapter.concept_tokens`; it also leaves the concept out of each context as neutral prompt, as colour.yaml
+does, so it differs from `robust` in two settings).
 Runs are cached in build/attack_table/ (a finished run's report is reused; --fresh redoes them); the table goes
 to benchmarks/ATTACK_RESULTS.md (or `--out`) after every run.
 """
