@@ -98,7 +98,7 @@ class TrainSection:
     token_lr: the lr of retrained token rows (adapter.concept_tokens; default train.lr), on the same schedule.
     Adam moves every weight by about the lr per step and an embedding's entries are much smaller than a LoRA
     matrix's: on the toy at lr 2e-3 the rows move 2-3 times their own length. A lower token_lr keeps them
-    near real words' embeddings, and leaves more of the erasure to the UNet's adapter.
+    near real words' embeddings (on the toy's green, a tenth of the lr also erased less).
 
     refresh_every 1 is the paper's sampling: a fresh partial DDIM run for every step, most of a step's
     compute. N > 1 samples one full run of `batch` images every N steps and trains each step on a latent

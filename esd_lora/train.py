@@ -97,17 +97,21 @@ class TrainedModel:
 
     unet: torch.nn.Module
     modules: list[str]
-    params: list[torch.nn.Parameter]
     groups: list[dict]
     scales: list[float]
     teacher: Callable[[], AbstractContextManager]  # yields the frozen model
     text_encoder: torch.nn.Module | None = None
 
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.groups for p in group["params"]]
+
 
 def setup_model(recipe: Recipe, unet: torch.nn.Module, pipe=None) -> TrainedModel:
     """Add the LoRA adapter to the frozen UNet (teacher: the same UNet with it off) or, in classic mode,
-    unfreeze the selected weights (teacher: a frozen copy). With `adapter.text_encoder`, the pipeline's
-    text encoder gets an adapter too (off in the teacher). Trainable weights are kept in fp32."""
+    unfreeze the selected weights (teacher: a frozen copy). With `adapter.text_encoder` (or
+    `adapter.concept_tokens`), the pipeline's text encoder gets LoRA layers (or retrained rows of the concept's
+    words) too, off in the teacher. Trainable weights are kept in fp32."""
     unet.requires_grad_(False)
     modules = select_modules(unet, recipe.adapter.targets)
     a = recipe.adapter
@@ -137,8 +141,7 @@ def setup_model(recipe: Recipe, unet: torch.nn.Module, pipe=None) -> TrainedMode
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], [p for _, p in named], groups, scales,
-                        teacher, text_encoder)
+    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], groups, scales, teacher, text_encoder)
 
 
 def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[list[str]], dict],
