@@ -15,15 +15,16 @@ so that they differ only in what is compared:
   detection of the concept among those keeping the other concepts at >= 90 % of base wins (the lowest
   detection if none does); the other concepts use that lr. The chosen run is merged.
 Each is attacked by `esd-lora attack` with the same seeds, images and budgets (400 steps): textual inversion
-at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the prompt search; the robust
-erasure also with settings its training never used (another initial word; two tokens at another lr) and,
-for red, on its merged model, and measured by `esd-lora eval` on held-out prompts (8 per
-concept, 32 images each).
+at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the prompt search; each robust
+erasure (`robust` and the module variants below) also with settings its training never used (another initial
+word; two tokens at another lr) and, for the --merged-on concepts, on its merged model, and measured by
+`esd-lora eval` on held-out prompts (8 per concept, 32 images each).
 `--variants "robust, esd-u" "robust, text encoder" "robust, concept tokens"` compares the modules the robust
 recipe trains: the same recipe with LoRA on everything but cross-attention (esd-u) instead of its K/V, on its
 K/V and on every projection of the text encoder, or on its K/V and the embeddings of the concept's own words
 (`adapter.concept_tokens`; it also leaves the concept out of each context as neutral prompt, as colour.yaml
-does, so it differs from `robust` in two settings).
+does, so it differs from `robust` in two settings); "robust, concept tokens, ti only" is the last one trained
+against its textual-inversion attacker alone (`attack.methods=[ti]`).
 Runs are cached in build/attack_table/ (a finished run's report is reused; --fresh redoes them); the table goes
 to benchmarks/ATTACK_RESULTS.md (or `--out`) after every run.
 """
@@ -60,6 +61,10 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     "robust, text encoder": ["adapter.text_encoder=all"],  # on K/V as well
     # on K/V as well; the concept left out of each context as ESD's neutral prompt, as the kind recipes do
     "robust, concept tokens": ["adapter.concept_tokens=true", "concept.erase_from=['']"],
+    # the same against the textual-inversion attacker alone: the soft prompt starts from random words, on the
+    # toy mostly other concepts, and training under them pulled those concepts out too
+    "robust, concept tokens, ti only": ["adapter.concept_tokens=true", "concept.erase_from=['']",
+                                        "attack.methods=[ti]"],
 }
 
 
@@ -121,21 +126,25 @@ def classic_model(concept: str, sweep_concept: str) -> Path:
     return run / "merged"
 
 
-def robust_merged(concept: str) -> Path:
-    merged = WORK / concept / "robust_merged"
+def merged_model(concept: str, variant: str, adapter: str) -> Path:
+    """The base model with a robust variant's adapter merged into it (`esd-lora merge`), made once."""
+    merged = WORK / concept / (variant.replace(", ", "_").replace(" ", "_") + "_merged") / "model"
     if not (merged / "model_index.json").exists():
-        esd_lora("merge", f"adapters/{concept}_robust", "--out", str(merged), "--overwrite")
+        esd_lora("merge", adapter, "--out", str(merged), "--overwrite")
     return merged
 
 
 def erasure_args(concept: str, variant: str, sweep_concept: str) -> list[str]:
-    """The `--adapter` / `--erased-model` arguments of one erasure."""
+    """The `--adapter` / `--erased-model` arguments of one erasure; "<variant>, merged" is that variant's
+    adapter merged into the base."""
+    if variant.endswith(", merged"):
+        unmerged = variant[:-len(", merged")]
+        (adapter,) = erasure_args(concept, unmerged, sweep_concept)[1:]
+        return ["--erased-model", str(merged_model(concept, unmerged, adapter))]
     if variant == "plain":
         return ["--adapter", str(trained(concept, "plain", []))]
     if variant == "robust":
         return ["--adapter", f"adapters/{concept}_robust"]
-    if variant == "robust, merged":
-        return ["--erased-model", str(robust_merged(concept))]
     if variant in MODULES:
         return ["--adapter", str(trained(concept, variant.replace(", ", "_").replace(" ", "_"), MODULES[variant],
                                          f"recipes/toy/{concept}_robust.yaml"))]
@@ -161,9 +170,17 @@ def held_out_cell(concept: str, variant: str, n: int, sweep_concept: str) -> dic
     if not (out / "report.json").exists():
         esd_lora("eval", "toy", *erasure_args(concept, variant, sweep_concept), "--concepts", concept, "--n", str(n),
                  "--held-out", "8", "--out", str(out))
-    s = json.loads((out / "report.json").read_text())["summary_held_out"]
+    from esd_lora.evaluate import summarize
+    from esd_lora.toy.vocab import kind_of
+
+    report = json.loads((out / "report.json").read_text())
+    s, rates = report["summary_held_out"], {p: report["prompts"][p] for p in report["sets"]["held_out"]}
+    same = summarize({p: {c: r for c, r in rs.items() if c != concept and kind_of(c) == kind_of(concept)}
+                      for p, rs in rates.items()})
+    other = summarize({p: {c: r for c, r in rs.items() if kind_of(c) != kind_of(concept)} for p, rs in rates.items()})
     return {"efficacy_max": s["efficacy_max_detection"], "efficacy_mean": s["efficacy_mean_detection"],
-            "specificity_min": s["specificity_min_ratio"], "specificity_mean": s["specificity_mean_ratio"]}
+            "same_kind_min": same["specificity_min_ratio"], "same_kind_mean": same["specificity_mean_ratio"],
+            "other_kinds_min": other["specificity_min_ratio"], "other_kinds_mean": other["specificity_mean_ratio"]}
 
 
 def sweep_table(concept: str) -> list[str]:
@@ -192,7 +209,9 @@ def table(rows: dict, argv: list[str], sweep_concept: str) -> str:
     lines = ["# Attacks on toy erasures: plain, robust and classic ESD", "",
              f"`python benchmarks/attack_table.py {shlex.join(argv)}`. Rates are the share of images (32 per prompt, "
              "8 attack prompts) in which the toy classifier sees the erased concept; in brackets, the same attack "
-             "run against the base model. Every learned attack ran 400 steps."
+             "run against the base model. Every learned attack ran 400 steps. Held-out eval: the concept's rate "
+             "on its held-out prompts, worst / mean, and the other concepts' rates as a share of base, worst / mean, "
+             "for the other concepts of its kind and for the other kinds' concepts said in the same prompts."
              + (" `--table-only` tabulates the runs this script made before (in build/attack_table/), in parts; an "
                 "empty cell was not run." if "--table-only" in argv else ""), ""]
     for concept in dict.fromkeys(k.split("/")[0] for k in rows):
@@ -207,8 +226,9 @@ def table(rows: dict, argv: list[str], sweep_concept: str) -> str:
                 if r is None:
                     cells.append("")
                 elif name == "held-out eval":
-                    cells.append(f"{r['efficacy_max']:.0%} worst / {r['efficacy_mean']:.0%} mean; others kept "
-                                 f"{r['specificity_min']:.0%} worst / {r['specificity_mean']:.0%} mean")
+                    cells.append(f"{r['efficacy_max']:.0%} worst / {r['efficacy_mean']:.0%} mean; its kind kept "
+                                 f"{r['same_kind_min']:.0%} / {r['same_kind_mean']:.0%}, other kinds "
+                                 f"{r['other_kinds_min']:.0%} / {r['other_kinds_mean']:.0%}")
                 else:
                     cells.append(f"{r['rate']:.0%} ({r['base_rate']:.0%})")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -267,16 +287,14 @@ def main() -> None:
             for name in args.attacks:
                 put(f"{concept}/{variant}/{name}",
                     lambda: attack_cell(concept, variant, name, ATTACKS[name], args.n, sweep))
-            if variant in MODULES:
-                put(f"{concept}/{variant}/held-out eval", lambda: held_out_cell(concept, variant, args.n, sweep))
-            if variant != "robust":
+            if variant != "robust" and variant not in MODULES:
                 continue
             for name, flags in ({} if args.no_unseen else UNSEEN).items():
-                put(f"{concept}/robust/{name}", lambda: attack_cell(concept, "robust", name, flags, args.n, sweep))
-            put(f"{concept}/robust/held-out eval", lambda: held_out_cell(concept, "robust", args.n, sweep))
+                put(f"{concept}/{variant}/{name}", lambda: attack_cell(concept, variant, name, flags, args.n, sweep))
+            put(f"{concept}/{variant}/held-out eval", lambda: held_out_cell(concept, variant, args.n, sweep))
             if concept in args.merged_on:
-                put(f"{concept}/robust, merged/ti, lr 5e-3", lambda: attack_cell(
-                    concept, "robust, merged", "ti, lr 5e-3", ATTACKS["ti, lr 5e-3"], args.n, sweep))
+                put(f"{concept}/{variant}, merged/ti, lr 5e-3", lambda: attack_cell(
+                    concept, f"{variant}, merged", "ti, lr 5e-3", ATTACKS["ti, lr 5e-3"], args.n, sweep))
     print(table(rows, argv, sweep))
 
 
