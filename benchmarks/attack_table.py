@@ -126,9 +126,14 @@ def classic_model(concept: str, sweep_concept: str) -> Path:
     return run / "merged"
 
 
+def run_name(variant: str) -> str:
+    """The folder name of a variant's trained run ("robust, concept tokens" -> robust_concept_tokens)."""
+    return variant.replace(", ", "_").replace(" ", "_")
+
+
 def merged_model(concept: str, variant: str, adapter: str) -> Path:
     """The base model with a robust variant's adapter merged into it (`esd-lora merge`), made once."""
-    merged = WORK / concept / (variant.replace(", ", "_").replace(" ", "_") + "_merged") / "model"
+    merged = WORK / concept / (run_name(variant) + "_merged") / "model"
     if not (merged / "model_index.json").exists():
         esd_lora("merge", adapter, "--out", str(merged), "--overwrite")
     return merged
@@ -146,7 +151,7 @@ def erasure_args(concept: str, variant: str, sweep_concept: str) -> list[str]:
     if variant == "robust":
         return ["--adapter", f"adapters/{concept}_robust"]
     if variant in MODULES:
-        return ["--adapter", str(trained(concept, variant.replace(", ", "_").replace(" ", "_"), MODULES[variant],
+        return ["--adapter", str(trained(concept, run_name(variant), MODULES[variant],
                                          f"recipes/toy/{concept}_robust.yaml"))]
     return ["--erased-model", str(classic_model(concept, sweep_concept))]
 
