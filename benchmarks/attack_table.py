@@ -24,7 +24,9 @@ recipe trains: the same recipe with LoRA on everything but cross-attention (esd-
 K/V and on every projection of the text encoder, or on its K/V and the embeddings of the concept's own words
 (`adapter.concept_tokens`; it also leaves the concept out of each context as neutral prompt, as colour.yaml
 does, so it differs from `robust` in two settings); "robust, concept tokens, ti only" is the last one trained
-against its textual-inversion attacker alone (`attack.methods=[ti]`).
+against its textual-inversion attacker alone (`attack.methods=[ti]`), ", preserve 3" with the preserve prompts
+weighted 3, ", own context" with each latent trained under the attackers' prompt in its own context
+(`attack.context=own`), and ", own context, preserve 3" with both.
 Runs are cached in build/attack_table/ (a finished run's report is reused; --fresh redoes them); the table goes
 to benchmarks/ATTACK_RESULTS.md (or `--out`) after every run.
 """
@@ -65,6 +67,14 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # toy mostly other concepts, and training under them pulled those concepts out too
     "robust, concept tokens, ti only": ["adapter.concept_tokens=true", "concept.erase_from=['']",
                                         "attack.methods=[ti]"],
+    # the kind's other concepts held three times as hard
+    "robust, concept tokens, preserve 3": ["adapter.concept_tokens=true", "concept.erase_from=['']",
+                                           "concept.preserve_weight=3"],
+    # each latent trained under the attackers' prompt in its own context, so that prompt and target agree
+    "robust, concept tokens, own context": ["adapter.concept_tokens=true", "concept.erase_from=['']",
+                                            "attack.context=own"],
+    "robust, concept tokens, own context, preserve 3": ["adapter.concept_tokens=true", "concept.erase_from=['']",
+                                                        "attack.context=own", "concept.preserve_weight=3"],
 }
 
 

@@ -177,10 +177,11 @@ def captions(method: str, token: str, texts: list[str]) -> list[str]:
 class Adversary:
     """One attacker of the robust erasure (recipe section `attack`): learned tokens refitted every few training
     steps against the model being trained, and the conditioning of their prompts for the ESD loss.
-    x0 are latents of the concept, texts[i] says what x0[i] shows (see `captions`)."""
+    x0 are latents of the concept, texts[i] says what x0[i] shows (see `captions`); own[i] says what a latent
+    sampled from the i-th trained concept prompt shows, in the same way (section.context own)."""
 
     def __init__(self, pipe, method: str, section, init_word: str, x0: torch.Tensor, texts: list[str],
-                 seed: int) -> None:
+                 seed: int, own: list[str] = ()) -> None:
         self.section, self.x0 = section, x0
         if method == "ti":
             self.init = word_embeddings(pipe, [section.init or init_word] * section.tokens,
@@ -190,6 +191,7 @@ class Adversary:
         self.tokens = LearnedTokens(pipe, self.init, group=f"robust-{method}")
         self.fit = TokenFit(captions(method, self.tokens.text, texts), section.lr, section.batch)
         self.prompts = sorted(set(self.fit.captions))
+        self.own = captions(method, self.tokens.text, list(own))
 
     def refresh(self, unet, scheduler, generator: torch.Generator, index: int) -> None:
         """The `index`-th refit against the model as it is now (its own weights are not touched); every
@@ -200,11 +202,16 @@ class Adversary:
                 self.tokens.vectors.copy_(self.init)
         self.fit.run(self.tokens, unet, scheduler, self.x0, self.section.steps, generator)
 
-    def conditions(self, count: int, rng: random.Random, grad: bool = False) -> dict:
-        """UNet keyword arguments for `count` of the tokens' prompts, picked at random; differentiable (`grad`)
-        when the erasure trains the text encoder, which then learns to disarm the tokens too."""
+    def conditions(self, picks: list[int], rng: random.Random, grad: bool = False) -> dict:
+        """UNet keyword arguments of the tokens' prompts for latents of the trained concept prompts `picks`:
+        picked at random (section.context any) or each latent's own; differentiable (`grad`) when the
+        erasure trains the text encoder, which then learns to disarm the tokens too."""
+        if self.section.context == "own":
+            prompts = [self.own[i] for i in picks]
+        else:
+            prompts = [rng.choice(self.prompts) for _ in picks]
         with torch.set_grad_enabled(grad):
-            return {"encoder_hidden_states": self.tokens.encode([rng.choice(self.prompts) for _ in range(count)])}
+            return {"encoder_hidden_states": self.tokens.encode(prompts)}
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.tokens.state()

@@ -134,8 +134,10 @@ class AttackSection:
     random words). The tokens carry over from one refit to the next, so an attacker grows with the erasure,
     and start again from their initial values every `restart_every` refits (0: never), so that the erasure
     also meets fresh attacks late in training. Each training step then also pulls the model's prediction
-    under every attacker's prompts to the concept's ESD target, weighted by `weight`. The adapter stays a
-    LoRA on the UNet, so it merges as any other.
+    under every attacker's prompts to the concept's ESD target, weighted by `weight`: under `any` of them
+    (`context`), or under the one of each latent's own prompt (`own`: ti, its context with the tokens for the
+    concept; soft-prompt, the tokens before it), so that the target and the prompt say the same context. The
+    adapter stays a LoRA on the UNet, so it merges as any other.
     """
 
     methods: list[Literal["ti", "soft-prompt"]] = field(default_factory=list)
@@ -149,6 +151,7 @@ class AttackSection:
     init: str = ""
     templates: list[str] = field(default_factory=list)
     weight: float = 1.0
+    context: Literal["any", "own"] = "any"
 
 
 @dataclass

@@ -172,12 +172,17 @@ def adversaries_for(recipe: Recipe, pipe, model: TrainedModel, conditioner: Call
             x0.append(runs.run(frozen, picks[-1], cfg.ddim_steps, gen)[-1].float())
     picks = [i for chunk in picks for i in chunk]
     contexts = recipe.concept.contexts
-    shows = {  # what each sample shows: its context with {} for the concept (ti), or its prompt (soft-prompt)
-        "ti": [a.templates[j % len(a.templates)] if a.templates else contexts[i % len(contexts)] if contexts
-               else "{}" for j, i in enumerate(picks)],
-        "soft-prompt": [concept.prompts[i] for i in picks],
-    }
-    return [Adversary(pipe, method, a, recipe.concept.prompts[0], torch.cat(x0), shows[method], cfg.seed)
+
+    def shows(method: str, i: int, j: int) -> str:
+        """What the j-th sample, of trained prompt i, shows: its context with {} for the concept (ti), or its
+        prompt (soft-prompt)."""
+        if method == "soft-prompt":
+            return concept.prompts[i]
+        return a.templates[j % len(a.templates)] if a.templates else contexts[i % len(contexts)] if contexts else "{}"
+
+    every = range(len(concept.prompts))
+    return [Adversary(pipe, method, a, recipe.concept.prompts[0], torch.cat(x0),
+                      [shows(method, i, j) for j, i in enumerate(picks)], cfg.seed, [shows(method, i, i) for i in every])
             for method in a.methods]
 
 
@@ -244,7 +249,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             with accelerator.autocast():
                 for adversary in adversaries:
                     adversary.refresh(accelerator.unwrap_model(student), scheduler, gen, step // recipe.attack.every)
-        adversarial = [adversary.conditions(cfg.batch, rng, grad=model.text_encoder is not None)
+        adversarial = [adversary.conditions(latents.picks[:cfg.batch], rng, grad=model.text_encoder is not None)
                        for adversary in adversaries]
         t = loss_timestep(latents.ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(accelerator.device)
         loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast, adversarial, recipe.attack.weight)
