@@ -180,9 +180,9 @@ def adversaries_for(recipe: Recipe, pipe, model: TrainedModel, conditioner: Call
             return concept.prompts[i]
         return a.templates[j % len(a.templates)] if a.templates else contexts[i % len(contexts)] if contexts else "{}"
 
-    every = range(len(concept.prompts))
     return [Adversary(pipe, method, a, recipe.concept.prompts[0], torch.cat(x0),
-                      [shows(method, i, j) for j, i in enumerate(picks)], cfg.seed, [shows(method, i, i) for i in every])
+                      [shows(method, i, j) for j, i in enumerate(picks)], cfg.seed,
+                      [shows(method, i, i) for i in range(len(concept.prompts))])
             for method in a.methods]
 
 

@@ -117,6 +117,34 @@ def test_robust_erasure_trains_against_the_attackers_prompts_and_still_writes_a_
     assert "attack:\n  methods:\n  - ti" in (tmp_path / "robust" / "recipe.yaml").read_text()
 
 
+def test_robust_erasure_can_train_each_latent_under_the_attackers_prompt_in_its_own_context(tiny_models, tmp_path,
+                                                                                             monkeypatch):
+    from esd_lora.adversary import Adversary
+
+    said, conditions = [], Adversary.conditions
+
+    def spy(self, picks, rng, grad=False):
+        if self.section.context == "own":
+            said.append([self.own[i] for i in picks])
+        return conditions(self, picks, rng, grad)
+
+    monkeypatch.setattr(Adversary, "conditions", spy)
+    runs = {}
+    for context in ("any", "own"):
+        recipe = recipe_for(tiny_models["sd1"], tmp_path / context)
+        recipe.concept.prompts, recipe.concept.contexts = ["red", "crimson"], ["a {} star", "{} shape"]
+        recipe.attack.methods, recipe.attack.steps, recipe.attack.images = ["ti", "soft-prompt"], 2, 4
+        recipe.attack.context = context
+        train(recipe, progress=False)
+        runs[context] = load_file(str(tmp_path / context / WEIGHTS_NAME))
+    assert any(not torch.equal(runs["any"][k], runs["own"][k]) for k in runs["any"])
+    assert len(said) == 2 * 3  # both attackers, every step
+    ti, soft = "<esd-robust-ti>", "<esd-robust-soft-prompt>"
+    assert all(p in (f"a {ti} star", f"{ti} shape") for prompts in said[::2] for p in prompts)
+    assert all(p in (f"{soft} a red star", f"{soft} red shape", f"{soft} a crimson star", f"{soft} crimson shape")
+               for prompts in said[1::2] for p in prompts)
+
+
 def test_a_text_encoder_adapter_trains_beside_the_unets_and_is_saved_where_diffusers_reads_it(tiny_models, tmp_path):
     from esd_lora.models import Conditioner
 
