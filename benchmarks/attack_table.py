@@ -75,6 +75,17 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
                                             "attack.context=own"],
     "robust, concept tokens, own context, preserve 3": ["adapter.concept_tokens=true", "concept.erase_from=['']",
                                                         "attack.context=own", "concept.preserve_weight=3"],
+    # each attacker's prompt pulled to what the base draws under it less the concept, so that what its tokens
+    # say besides the concept (the neighbours they drifted to) is kept
+    "robust, concept tokens, attacker target": ["adapter.concept_tokens=true", "concept.erase_from=['']",
+                                                "attack.target=attacker"],
+    "robust, concept tokens, own context, preserve 3, attacker target": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "attack.target=attacker"],
+    # the attackers' prompts weighted twice, against the preserve weight's pull the other way
+    "robust, concept tokens, own context, preserve 3, attack weight 2": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "attack.weight=2"],
 }
 
 

@@ -202,14 +202,16 @@ class Adversary:
                 self.tokens.vectors.copy_(self.init)
         self.fit.run(self.tokens, unet, scheduler, self.x0, self.section.steps, generator)
 
-    def conditions(self, picks: list[int], rng: random.Random, grad: bool = False) -> dict:
-        """UNet keyword arguments of the tokens' prompts for latents of the trained concept prompts `picks`:
-        picked at random (section.context any) or each latent's own; differentiable (`grad`) when the
-        erasure trains the text encoder, which then learns to disarm the tokens too."""
+    def prompts_for(self, picks: list[int], rng: random.Random) -> list[str]:
+        """The tokens' prompts for latents of the trained concept prompts `picks`: picked at random
+        (section.context any) or each latent's own."""
         if self.section.context == "own":
-            prompts = [self.own[i] for i in picks]
-        else:
-            prompts = [rng.choice(self.prompts) for _ in picks]
+            return [self.own[i] for i in picks]
+        return [rng.choice(self.prompts) for _ in picks]
+
+    def condition(self, prompts: list[str], grad: bool = False) -> dict:
+        """UNet keyword arguments of prompts with the tokens; differentiable (`grad`) when the erasure trains
+        the text encoder, which then learns to disarm the tokens too."""
         with torch.set_grad_enabled(grad):
             return {"encoder_hidden_states": self.tokens.encode(prompts)}
 

@@ -93,13 +93,18 @@ class EsdStep:
 
     def loss(self, student, teacher: Callable[[], AbstractContextManager], latents: LatentBatch, t: torch.Tensor,
              rng: random.Random, autocast: Callable[[], AbstractContextManager], adversarial: list[dict] = (),
-             adversarial_weight: float = 1.0) -> torch.Tensor:
+             adversarial_weight: float = 1.0, adversarial_frozen: list[dict] = ()) -> torch.Tensor:
         """The step's loss. `adversarial` (robust erasure): condition batches of attackers' prompts, whose
-        predictions on the concept's latents are pulled to the concept's target as well."""
+        predictions on the concept's latents are pulled to the concept's target as well; with
+        `adversarial_frozen`, the same prompts as the teacher conditions them (attack.target attacker), each to
+        the teacher's prediction under it less 1 + eta times what the concept adds to its neutral prompt."""
         xs, prompts = self.batches(latents, rng)
         with teacher() as frozen, torch.no_grad():
-            preds = frozen_predictions(frozen, self.scheduler, xs, t, [self.conditioner(p) for p in prompts])
+            preds = frozen_predictions(frozen, self.scheduler, xs + [xs[0]] * len(adversarial_frozen), t,
+                                       [self.conditioner(p) for p in prompts] + list(adversarial_frozen))
         target = esd_target(preds[0], preds[1], self.concept.eta)
+        erased = (1 + self.concept.eta) * (preds[0] - preds[1])  # what the concept adds, scaled as in the target
+        adversarial_targets = [p - erased for p in preds[len(xs):]] or [target] * len(adversarial)
         rows = [0, 2] if self.concept.preserve else [0]  # the concept's and the preserve prompts' predictions
         # the student's conditions: through the text encoder's adapter when it has one (else the same, cached)
         student_xs, student_conds = [xs[i] for i in rows], [self.conditioner(prompts[i]) for i in rows]
@@ -109,7 +114,7 @@ class EsdStep:
             eps = predictions(student, self.scheduler, student_xs, t, student_conds)
             loss = esd_loss(eps[0], target)
             if self.concept.preserve:
-                loss = loss + self.concept.preserve_weight * esd_loss(eps[1], preds[-1])
-            for pred in eps[len(rows):]:
-                loss = loss + adversarial_weight * esd_loss(pred, target)
+                loss = loss + self.concept.preserve_weight * esd_loss(eps[1], preds[len(xs) - 1])
+            for pred, adversarial_target in zip(eps[len(rows):], adversarial_targets):
+                loss = loss + adversarial_weight * esd_loss(pred, adversarial_target)
         return loss

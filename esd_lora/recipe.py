@@ -136,8 +136,12 @@ class AttackSection:
     also meets fresh attacks late in training. Each training step then also pulls the model's prediction
     under every attacker's prompts to the concept's ESD target, weighted by `weight`: under `any` of them
     (`context`), or under the one of each latent's own prompt (`own`: ti, its context with the tokens for the
-    concept; soft-prompt, the tokens before it), so that the target and the prompt say the same context. The
-    adapter stays a LoRA on the UNet, so it merges as any other.
+    concept; soft-prompt, the tokens before it), so that the target and the prompt say the same context.
+    `target` is what that prediction is pulled to: the concept's ESD target (`concept`), or the frozen
+    model's prediction under the attacker's prompt less 1 + eta times what the concept adds to its subject
+    (`attacker`): the concept's target where the tokens say the concept and nothing else, and whatever else
+    they say (the other words they drifted to) kept. The adapter stays a LoRA on the UNet, so it merges as
+    any other.
     """
 
     methods: list[Literal["ti", "soft-prompt"]] = field(default_factory=list)
@@ -152,6 +156,7 @@ class AttackSection:
     templates: list[str] = field(default_factory=list)
     weight: float = 1.0
     context: Literal["any", "own"] = "any"
+    target: Literal["concept", "attacker"] = "concept"
 
 
 @dataclass

@@ -249,10 +249,15 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             with accelerator.autocast():
                 for adversary in adversaries:
                     adversary.refresh(accelerator.unwrap_model(student), scheduler, gen, step // recipe.attack.every)
-        adversarial = [adversary.conditions(latents.picks[:cfg.batch], rng, grad=model.text_encoder is not None)
-                       for adversary in adversaries]
+        said = [adversary.prompts_for(latents.picks[:cfg.batch], rng) for adversary in adversaries]
+        adversarial = [a.condition(p, grad=model.text_encoder is not None) for a, p in zip(adversaries, said)]
+        frozen = []
+        if recipe.attack.target == "attacker":  # the teacher's conditioning: its text encoder has no adapter
+            with model.teacher():
+                frozen = [a.condition(p) for a, p in zip(adversaries, said)]
         t = loss_timestep(latents.ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(accelerator.device)
-        loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast, adversarial, recipe.attack.weight)
+        loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast, adversarial, recipe.attack.weight,
+                        frozen)
         accelerator.backward(loss)
         if cfg.mixed_precision != "fp16":  # fp16's loss scaler skips an overflowing step by itself
             _stop_unless_finite("loss or a gradient", [loss, *(p.grad for p in model.params)], step + 1, out)

@@ -74,7 +74,7 @@ def test_the_robust_attacker_saves_and_restores_its_tokens_and_conditions_its_pr
     assert torch.equal(adversary.state()[key], moved)  # the same refit from the same start, same noise
     adversary.load_state(state)
     assert torch.equal(adversary.state()[key], state[key])
-    cond = adversary.conditions([0, 1, 1], random.Random(0))["encoder_hidden_states"]
+    cond = adversary.condition(adversary.prompts_for([0, 1, 1], random.Random(0)))["encoder_hidden_states"]
     assert cond.shape[0] == 3 and not cond.requires_grad
     soft = Adversary(pipe, "soft-prompt", AttackSection(tokens=3), "a red shape", x0, ["a red shape"] * 4, seed=0)
     assert soft.prompts == ["<esd-robust-soft-prompt> a red shape"] and len(soft.tokens.names) == 3
@@ -88,14 +88,11 @@ def test_the_robust_attacker_says_each_latents_own_context_when_asked(tiny_model
     token = adversary.tokens.text
     assert adversary.own == [f"a {token} star", f"a {token} circle"]
 
-    def encoded(cond):
-        return cond["encoder_hidden_states"]
-
-    own = encoded(adversary.conditions([1, 0, 1], random.Random(0)))
-    assert torch.equal(own, adversary.tokens.encode([f"a {token} circle", f"a {token} star", f"a {token} circle"]))
+    assert adversary.prompts_for([1, 0, 1], random.Random(0)) == [f"a {token} circle", f"a {token} star",
+                                                                  f"a {token} circle"]
     section.context = "any"  # the fitted captions only, whatever the latents' prompts
-    assert torch.equal(encoded(adversary.conditions([1, 1], random.Random(0))),
-                       adversary.tokens.encode([f"a {token} star"] * 2))
+    assert adversary.prompts_for([1, 1], random.Random(0)) == [f"a {token} star"] * 2
+    assert adversary.condition([f"a {token} star"], grad=True)["encoder_hidden_states"].requires_grad
 
 
 def test_new_tokens_leave_an_erasures_retrained_concept_rows_in_place(tiny_models, tiny_adapters):

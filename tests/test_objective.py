@@ -152,3 +152,36 @@ def test_an_attackers_conditioning_is_pulled_to_the_concepts_target_too(tiny_mod
                                 unet(latents.x, t, **esd.conditioner([""] * 2)).sample, 1.0)
         attacked = [esd_loss(unet(latents.x, t, **a).sample, target) for a in attackers]
         assert torch.allclose(loss(attackers), plain + 3.0 * sum(attacked), rtol=1e-4)
+
+
+def test_an_attackers_target_can_keep_what_its_prompt_says_besides_the_concept(tiny_models):
+    import random
+
+    from contextlib import nullcontext
+
+    from esd_lora.latents import LatentBatch
+    from esd_lora.recipe import ConceptSection
+
+    pipe, unet = _trained_pipe(tiny_models)
+    esd = _esd_step(pipe, ConceptSection(prompts=["a red circle"], erase_from=["a circle"], eta=2.0), batch=2)
+    latents = LatentBatch(torch.randn(2, 4, 8, 8), ks=[3, 7], picks=[0, 0])
+    t = torch.tensor([300, 700])
+    attacker, frozen = ({"encoder_hidden_states": torch.randn(2, 32, 16)} for _ in range(2))
+
+    def loss(adversarial, frozen_adversarial=()):
+        return esd.loss(unet, lambda: adapters_off(unet), latents, t, random.Random(0), nullcontext, adversarial, 3.0,
+                        frozen_adversarial)
+
+    def eps(cond):
+        return unet(latents.x, t, **cond).sample
+
+    with torch.no_grad():
+        plain = loss([])
+        with adapters_off(unet):
+            concept, neutral = eps(esd.conditioner(["a red circle"] * 2)), eps(esd.conditioner(["a circle"] * 2))
+            kept = eps(frozen) - 3.0 * (concept - neutral)  # what the teacher draws under it, less the concept
+            said_the_concept = eps(esd.conditioner(["a red circle"] * 2)) - 3.0 * (concept - neutral)
+        assert torch.allclose(loss([attacker], [frozen]), plain + 3.0 * esd_loss(eps(attacker), kept), rtol=1e-4)
+        # an attacker whose prompt says the concept and nothing else gets the concept's own target
+        assert torch.allclose(said_the_concept, esd_target(concept, neutral, 2.0), atol=1e-5)
+        assert torch.allclose(loss([attacker], [esd.conditioner(["a red circle"] * 2)]), loss([attacker]), rtol=1e-5)

@@ -121,14 +121,15 @@ def test_robust_erasure_can_train_each_latent_under_the_attackers_prompt_in_its_
                                                                                              monkeypatch):
     from esd_lora.adversary import Adversary
 
-    said, conditions = [], Adversary.conditions
+    said, prompts_for = [], Adversary.prompts_for
 
-    def spy(self, picks, rng, grad=False):
+    def spy(self, picks, rng):
+        prompts = prompts_for(self, picks, rng)
         if self.section.context == "own":
-            said.append([self.own[i] for i in picks])
-        return conditions(self, picks, rng, grad)
+            said.append(prompts)
+        return prompts
 
-    monkeypatch.setattr(Adversary, "conditions", spy)
+    monkeypatch.setattr(Adversary, "prompts_for", spy)
     runs = {}
     for context in ("any", "own"):
         recipe = recipe_for(tiny_models["sd1"], tmp_path / context)
@@ -143,6 +144,33 @@ def test_robust_erasure_can_train_each_latent_under_the_attackers_prompt_in_its_
     assert all(p in (f"a {ti} star", f"{ti} shape") for prompts in said[::2] for p in prompts)
     assert all(p in (f"{soft} a red star", f"{soft} red shape", f"{soft} a crimson star", f"{soft} crimson shape")
                for prompts in said[1::2] for p in prompts)
+
+
+def test_robust_erasure_can_pull_each_attackers_prompt_to_what_the_teacher_draws_under_it_less_the_concept(
+        tiny_models, tmp_path, monkeypatch):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from esd_lora.adversary import Adversary
+
+    calls, condition = [], Adversary.condition
+
+    def spy(self, prompts, grad=False):
+        layers = [m for m in self.tokens.pipe.text_encoder.modules() if isinstance(m, BaseTunerLayer)]
+        calls.append((grad, all(layer.disable_adapters for layer in layers)))
+        return condition(self, prompts, grad)
+
+    monkeypatch.setattr(Adversary, "condition", spy)
+    runs = {}
+    for target in ("concept", "attacker"):
+        recipe = recipe_for(tiny_models["sd1"], tmp_path / target)
+        recipe.adapter.concept_tokens = True
+        recipe.attack.methods, recipe.attack.steps, recipe.attack.images = ["ti"], 2, 4
+        recipe.attack.target = target
+        train(recipe, progress=False)
+        runs[target] = load_file(str(tmp_path / target / WEIGHTS_NAME))
+    assert any(not torch.equal(runs["concept"][k], runs["attacker"][k]) for k in runs["concept"])
+    # concept: the student's conditioning only, through the retrained rows; attacker: then the teacher's, without
+    assert calls == [(True, False)] * 3 + [(True, False), (False, True)] * 3
 
 
 def test_a_text_encoder_adapter_trains_beside_the_unets_and_is_saved_where_diffusers_reads_it(tiny_models, tmp_path):
