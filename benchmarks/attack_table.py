@@ -86,6 +86,13 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     "robust, concept tokens, own context, preserve 3, attack weight 2": [
         "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
         "attack.weight=2"],
+    # the attackers refitted twice as long, and over as many steps as the audit's attacks before they restart
+    "robust, concept tokens, own context, preserve 3, attack steps 20": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "attack.steps=20", "attack.restart_every=20"],
+    "robust, concept tokens, own context, preserve 3, seed 1": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "train.seed=1"],
 }
 
 
