@@ -103,8 +103,10 @@ class EsdStep:
             preds = frozen_predictions(frozen, self.scheduler, xs + [xs[0]] * len(adversarial_frozen), t,
                                        [self.conditioner(p) for p in prompts] + list(adversarial_frozen))
         target = esd_target(preds[0], preds[1], self.concept.eta)
-        erased = (1 + self.concept.eta) * (preds[0] - preds[1])  # what the concept adds, scaled as in the target
-        adversarial_targets = [p - erased for p in preds[len(xs):]] or [target] * len(adversarial)
+        adversarial_targets = [target] * len(adversarial)
+        if adversarial_frozen:
+            erased = (1 + self.concept.eta) * (preds[0] - preds[1])  # what the concept adds, scaled as in the target
+            adversarial_targets = [p - erased for p in preds[len(xs):]]
         rows = [0, 2] if self.concept.preserve else [0]  # the concept's and the preserve prompts' predictions
         # the student's conditions: through the text encoder's adapter when it has one (else the same, cached)
         student_xs, student_conds = [xs[i] for i in rows], [self.conditioner(prompts[i]) for i in rows]
