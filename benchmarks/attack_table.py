@@ -82,6 +82,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     "robust, concept tokens, own context, preserve 3, attacker target": [
         "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
         "attack.target=attacker"],
+    "robust, concept tokens, own context, preserve 3, ti only": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "attack.methods=[ti]"],
     # the attackers' prompts weighted twice, against the preserve weight's pull the other way
     "robust, concept tokens, own context, preserve 3, attack weight 2": [
         "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
@@ -90,6 +93,17 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     "robust, concept tokens, own context, preserve 3, attack steps 20": [
         "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
         "attack.steps=20", "attack.restart_every=20"],
+    "robust, concept tokens, own context, preserve 3, attack steps 20, seed 1": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "attack.steps=20", "attack.restart_every=20", "train.seed=1"],
+    "robust, concept tokens, own context, preserve 3, attack steps 20, seed 2": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "attack.steps=20", "attack.restart_every=20", "train.seed=2"],
+    # and the attackers' targets at eta 0: their prompts pulled to the neutral prediction, not past it towards
+    # the concept's opposite (for red, cyan)
+    "robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 0": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "attack.steps=20", "attack.restart_every=20", "attack.eta=0"],
     "robust, concept tokens, own context, preserve 3, seed 1": [
         "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
         "train.seed=1"],
@@ -226,13 +240,16 @@ def sweep_table(concept: str) -> list[str]:
     return lines + [""]
 
 
-def training_times(concept: str, steps: int) -> dict[str, float]:
-    """Wall time of `esd-lora train` (start-up included) for the kind recipe and the robust recipe at `steps`
-    steps, back to back (run it alone on the machine: the ratio is the robust erasure's cost)."""
+def training_times(concept: str, steps: int | None, variant: str) -> dict[str, float]:
+    """Wall time of `esd-lora train` (start-up included) for the kind recipe and a robust variant, at `steps`
+    steps or the recipes' own, back to back (run it alone on the machine: the ratio is the robust erasure's
+    cost)."""
     out = {}
-    for name, recipe in (("plain", KIND_RECIPE[concept]), ("robust", f"recipes/toy/{concept}_robust.yaml")):
+    robust = [] if variant == "robust" else MODULES[variant]
+    for name, recipe, overrides in (("plain", KIND_RECIPE[concept], []),
+                                    ("robust", f"recipes/toy/{concept}_robust.yaml", robust)):
         started = time.time()
-        esd_lora("train", recipe, f"name={concept}", f"train.steps={steps}",
+        esd_lora("train", recipe, f"name={concept}", *overrides, *([f"train.steps={steps}"] if steps else []),
                  f"output.dir={WORK / concept / ('time_' + name)}", "--overwrite", "--quiet")
         out[name] = round(time.time() - started, 1)
     return out
@@ -288,16 +305,17 @@ def main() -> None:
     ap.add_argument("--no-unseen", action="store_true", help="skip the attack settings no training used")
     ap.add_argument("--fresh", action="store_true", help="redo every run")
     ap.add_argument("--table-only", action="store_true", help="run nothing: tabulate the finished runs")
-    ap.add_argument("--time", type=int, metavar="STEPS",
-                    help="only time the plain and robust recipes' training at this many steps")
+    ap.add_argument("--time", type=int, nargs="?", const=0, metavar="STEPS",
+                    help="only time the plain recipe's training and the first variant's (a robust one), at this "
+                    "many steps (default: the recipes' own)")
     args = ap.parse_args()
     from esd_lora.io import atomic_write_text
 
     global TABLE_ONLY
     TABLE_ONLY = args.table_only
-    if args.time:
+    if args.time is not None:
         for concept in args.concepts:
-            times = training_times(concept, args.time)
+            times = training_times(concept, args.time or None, args.variants[0])
             print(f"{concept}: plain {times['plain']} s, robust {times['robust']} s, ratio "
                   f"{times['robust'] / times['plain']:.2f}")
         return

@@ -93,19 +93,22 @@ class EsdStep:
 
     def loss(self, student, teacher: Callable[[], AbstractContextManager], latents: LatentBatch, t: torch.Tensor,
              rng: random.Random, autocast: Callable[[], AbstractContextManager], adversarial: list[dict] = (),
-             adversarial_weight: float = 1.0, adversarial_frozen: list[dict] = ()) -> torch.Tensor:
+             adversarial_weight: float = 1.0, adversarial_frozen: list[dict] = (),
+             adversarial_eta: float | None = None) -> torch.Tensor:
         """The step's loss. `adversarial` (robust erasure): condition batches of attackers' prompts, whose
-        predictions on the concept's latents are pulled to the concept's target as well; with
-        `adversarial_frozen`, the same prompts as the teacher conditions them (attack.target attacker), each to
-        the teacher's prediction under it less 1 + eta times what the concept adds to its neutral prompt."""
+        predictions on the concept's latents are pulled to the concept's target as well (with
+        `adversarial_eta` in place of the concept's eta when given); with `adversarial_frozen`, the same prompts
+        as the teacher conditions them (attack.target attacker), each to the teacher's prediction under it less
+        1 + eta times what the concept adds to its neutral prompt."""
         xs, prompts = self.batches(latents, rng)
         with teacher() as frozen, torch.no_grad():
             preds = frozen_predictions(frozen, self.scheduler, xs + [xs[0]] * len(adversarial_frozen), t,
                                        [self.conditioner(p) for p in prompts] + list(adversarial_frozen))
         target = esd_target(preds[0], preds[1], self.concept.eta)
-        adversarial_targets = [target] * len(adversarial)
+        eta = self.concept.eta if adversarial_eta is None else adversarial_eta
+        adversarial_targets = [esd_target(preds[0], preds[1], eta)] * len(adversarial)
         if adversarial_frozen:
-            erased = (1 + self.concept.eta) * (preds[0] - preds[1])  # what the concept adds, scaled as in the target
+            erased = (1 + eta) * (preds[0] - preds[1])  # what the concept adds, scaled as in the target
             adversarial_targets = [p - erased for p in preds[len(xs):]]
         rows = [0, 2] if self.concept.preserve else [0]  # the concept's and the preserve prompts' predictions
         # the student's conditions: through the text encoder's adapter when it has one (else the same, cached)

@@ -140,7 +140,9 @@ class AttackSection:
     `target` is what that prediction is pulled to: the concept's ESD target (`concept`), or the frozen
     model's prediction under the attacker's prompt less 1 + eta times what the concept adds to its subject
     (`attacker`): the concept's target where the tokens say the concept and nothing else, and whatever else
-    they say (the other words they drifted to) kept. The adapter stays a LoRA on the UNet, so it merges as
+    they say (the other words they drifted to) kept. `eta` is the concept's eta in the attackers' targets
+    (default concept.eta): 0 pulls their prediction to the neutral prompt's and no further, so that they are
+    not pushed to what lies opposite the concept. The adapter stays a LoRA on the UNet, so it merges as
     any other.
     """
 
@@ -157,6 +159,7 @@ class AttackSection:
     weight: float = 1.0
     context: Literal["any", "own"] = "any"
     target: Literal["concept", "attacker"] = "concept"
+    eta: float | None = None
 
 
 @dataclass
@@ -312,6 +315,7 @@ def _check(recipe: Recipe) -> None:
         ("attack.batch", 1 <= recipe.attack.batch <= 1024, "must be in [1, 1024]"),
         ("attack.images", 1 <= recipe.attack.images <= 100_000, "must be in [1, 1e5]"),
         ("attack.weight", 0 <= recipe.attack.weight <= 1e6, "must be in [0, 1e6]"),
+        ("attack.eta", recipe.attack.eta is None or 0 <= recipe.attack.eta <= 1e3, "must be in [0, 1000]"),
     ]
     if a.text_encoder and a.kind != "lora":
         rules.append(("adapter.text_encoder", False, "a text-encoder adapter needs adapter.kind lora"))

@@ -257,7 +257,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
                 frozen = [a.condition(p) for a, p in zip(adversaries, said)]
         t = loss_timestep(latents.ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(accelerator.device)
         loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast, adversarial, recipe.attack.weight,
-                        frozen)
+                        frozen, recipe.attack.eta)
         accelerator.backward(loss)
         if cfg.mixed_precision != "fp16":  # fp16's loss scaler skips an overflowing step by itself
             _stop_unless_finite("loss or a gradient", [loss, *(p.grad for p in model.params)], step + 1, out)

@@ -265,7 +265,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "attack.methods=[gcg]": "attack.methods", "attack.methods=[ti, ti]": "attack.methods",
         "attack.restart_every=-1": "attack.restart_every", "attack.tokens=0": "attack.tokens", "attack.lr=.inf": "attack.lr",
         "attack.every=0": "attack.every", "attack.steps=0": "attack.steps", "attack.images=0": "attack.images",
-        "attack.weight=.nan": "attack.weight", "attack.templates=[no-slot]": "attack.templates",
+        "attack.weight=.nan": "attack.weight", "attack.eta=-1": "attack.eta", "attack.templates=[no-slot]": "attack.templates",
         "attack.batch=0": "attack.batch", "adapter.text_encoder=(": "adapter.text_encoder",
         "adapter.text_encoder=conv_in": "adapter.text_encoder", "adapter.text_encoder=[nowhere]": "adapter.text_encoder",
         "adapter.concept_tokens=maybe": "adapter.concept_tokens", "train.token_lr=0": "train.token_lr",

@@ -185,3 +185,32 @@ def test_an_attackers_target_can_keep_what_its_prompt_says_besides_the_concept(t
         # an attacker whose prompt says the concept and nothing else gets the concept's own target
         assert torch.allclose(said_the_concept, esd_target(concept, neutral, 2.0), atol=1e-5)
         assert torch.allclose(loss([attacker], [esd.conditioner(["a red circle"] * 2)]), loss([attacker]), rtol=1e-5)
+
+
+def test_an_attackers_eta_can_differ_from_the_concepts(tiny_models):
+    import random
+
+    from contextlib import nullcontext
+
+    from esd_lora.latents import LatentBatch
+    from esd_lora.recipe import ConceptSection
+
+    pipe, unet = _trained_pipe(tiny_models)
+    esd = _esd_step(pipe, ConceptSection(prompts=["a red circle"], erase_from=["a circle"], eta=2.0), batch=2)
+    latents = LatentBatch(torch.randn(2, 4, 8, 8), ks=[3, 7], picks=[0, 0])
+    t = torch.tensor([300, 700])
+    attacker = {"encoder_hidden_states": torch.randn(2, 32, 16)}
+
+    def loss(adversarial, eta=None):
+        return esd.loss(unet, lambda: adapters_off(unet), latents, t, random.Random(0), nullcontext, adversarial, 3.0,
+                        adversarial_eta=eta)
+
+    with torch.no_grad():
+        plain = loss([])
+        with adapters_off(unet):
+            neutral = unet(latents.x, t, **esd.conditioner(["a circle"] * 2)).sample
+        under_attacker = unet(latents.x, t, **attacker).sample
+        # eta 0: the attacker's prompt pulled to the neutral prompt's prediction and no further
+        assert torch.allclose(loss([attacker], 0.0), plain + 3.0 * esd_loss(under_attacker, neutral), rtol=1e-4)
+        assert torch.allclose(loss([attacker], 2.0), loss([attacker]), rtol=1e-6)
+        assert not torch.allclose(loss([attacker], 0.0), loss([attacker]), rtol=1e-3)

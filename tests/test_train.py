@@ -173,6 +173,19 @@ def test_robust_erasure_can_pull_each_attackers_prompt_to_what_the_teacher_draws
     assert calls == [(True, False)] * 3 + [(True, False), (False, True)] * 3
 
 
+def test_robust_erasure_takes_the_attackers_eta_from_the_concept_unless_it_is_given(tiny_models, tmp_path):
+    runs = {}
+    for eta in (None, 1.0, 0.0):
+        recipe = recipe_for(tiny_models["sd1"], tmp_path / str(eta))
+        recipe.concept.eta = 1.0
+        recipe.attack.methods, recipe.attack.steps, recipe.attack.images = ["ti"], 2, 4
+        recipe.attack.eta = eta
+        train(recipe, progress=False)
+        runs[eta] = load_file(str(tmp_path / str(eta) / WEIGHTS_NAME))
+    assert all(torch.equal(runs[None][k], runs[1.0][k]) for k in runs[None])
+    assert any(not torch.equal(runs[None][k], runs[0.0][k]) for k in runs[None])
+
+
 def test_a_text_encoder_adapter_trains_beside_the_unets_and_is_saved_where_diffusers_reads_it(tiny_models, tmp_path):
     from esd_lora.models import Conditioner
 
