@@ -85,6 +85,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     "robust, concept tokens, own context, preserve 3, ti only": [
         "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
         "attack.methods=[ti]"],
+    "robust, concept tokens, own context, preserve 3, ti only, attack steps 20": [
+        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
+        "attack.methods=[ti]", "attack.steps=20", "attack.restart_every=20"],
     # the attackers' prompts weighted twice, against the preserve weight's pull the other way
     "robust, concept tokens, own context, preserve 3, attack weight 2": [
         "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
