@@ -58,6 +58,10 @@ UNSEEN = {  # attack settings no robust training used
 }
 
 
+# own context and preserve weight 3, with the concept's rows: the base of the later variants
+OWN_PRESERVE_3 = ["adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own",
+                  "concept.preserve_weight=3"]
+STEPS_20 = ["attack.steps=20", "attack.restart_every=20"]
 MODULES = {  # the robust recipe with other trained modules than cross-attention K/V (esd-x-strict)
     "robust, esd-u": ["adapter.targets=esd-u"],
     "robust, text encoder": ["adapter.text_encoder=all"],  # on K/V as well
@@ -73,43 +77,28 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # each latent trained under the attackers' prompt in its own context, so that prompt and target agree
     "robust, concept tokens, own context": ["adapter.concept_tokens=true", "concept.erase_from=['']",
                                             "attack.context=own"],
-    "robust, concept tokens, own context, preserve 3": ["adapter.concept_tokens=true", "concept.erase_from=['']",
-                                                        "attack.context=own", "concept.preserve_weight=3"],
+    "robust, concept tokens, own context, preserve 3": OWN_PRESERVE_3,
     # each attacker's prompt pulled to what the base draws under it less the concept, so that what its tokens
     # say besides the concept (the neighbours they drifted to) is kept
     "robust, concept tokens, attacker target": ["adapter.concept_tokens=true", "concept.erase_from=['']",
                                                 "attack.target=attacker"],
-    "robust, concept tokens, own context, preserve 3, attacker target": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "attack.target=attacker"],
-    "robust, concept tokens, own context, preserve 3, ti only": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "attack.methods=[ti]"],
+    "robust, concept tokens, own context, preserve 3, attacker target": [*OWN_PRESERVE_3, "attack.target=attacker"],
+    "robust, concept tokens, own context, preserve 3, ti only": [*OWN_PRESERVE_3, "attack.methods=[ti]"],
     "robust, concept tokens, own context, preserve 3, ti only, attack steps 20": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "attack.methods=[ti]", "attack.steps=20", "attack.restart_every=20"],
+        *OWN_PRESERVE_3, "attack.methods=[ti]", *STEPS_20],
     # the attackers' prompts weighted twice, against the preserve weight's pull the other way
-    "robust, concept tokens, own context, preserve 3, attack weight 2": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "attack.weight=2"],
+    "robust, concept tokens, own context, preserve 3, attack weight 2": [*OWN_PRESERVE_3, "attack.weight=2"],
     # the attackers refitted twice as long, and over as many steps as the audit's attacks before they restart
-    "robust, concept tokens, own context, preserve 3, attack steps 20": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "attack.steps=20", "attack.restart_every=20"],
+    "robust, concept tokens, own context, preserve 3, attack steps 20": [*OWN_PRESERVE_3, *STEPS_20],
     "robust, concept tokens, own context, preserve 3, attack steps 20, seed 1": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "attack.steps=20", "attack.restart_every=20", "train.seed=1"],
+        *OWN_PRESERVE_3, *STEPS_20, "train.seed=1"],
     "robust, concept tokens, own context, preserve 3, attack steps 20, seed 2": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "attack.steps=20", "attack.restart_every=20", "train.seed=2"],
+        *OWN_PRESERVE_3, *STEPS_20, "train.seed=2"],
     # and the attackers' targets at eta 0: their prompts pulled to the neutral prediction, not past it towards
     # the concept's opposite (for red, cyan)
     "robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 0": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "attack.steps=20", "attack.restart_every=20", "attack.eta=0"],
-    "robust, concept tokens, own context, preserve 3, seed 1": [
-        "adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3",
-        "train.seed=1"],
+        *OWN_PRESERVE_3, *STEPS_20, "attack.eta=0"],
+    "robust, concept tokens, own context, preserve 3, seed 1": [*OWN_PRESERVE_3, "train.seed=1"],
 }
 
 
