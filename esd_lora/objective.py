@@ -106,10 +106,12 @@ class EsdStep:
                                        [self.conditioner(p) for p in prompts] + list(adversarial_frozen))
         target = esd_target(preds[0], preds[1], self.concept.eta)
         eta = self.concept.eta if adversarial_eta is None else adversarial_eta
-        adversarial_targets = [esd_target(preds[0], preds[1], eta)] * len(adversarial)
         if adversarial_frozen:
             erased = (1 + eta) * (preds[0] - preds[1])  # what the concept adds, scaled as in the target
             adversarial_targets = [p - erased for p in preds[len(xs):]]
+        else:
+            adversarial_target = target if eta == self.concept.eta else esd_target(preds[0], preds[1], eta)
+            adversarial_targets = [adversarial_target] * len(adversarial)
         rows = [0, 2] if self.concept.preserve else [0]  # the concept's and the preserve prompts' predictions
         # the student's conditions: through the text encoder's adapter when it has one (else the same, cached)
         student_xs, student_conds = [xs[i] for i in rows], [self.conditioner(prompts[i]) for i in rows]
