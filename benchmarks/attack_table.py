@@ -2,15 +2,15 @@
 
     python benchmarks/attack_table.py [--concepts red star] [--n 32]
 
-For each concept, three erasures of the shipped toy model, all from the concept's kind recipe
-(recipes/toy/colour.yaml for red, shape.yaml for star: every prompt in 16 contexts, the rest of the kind
-preserved; note that the shipped robust adapters were trained before those recipes took erase_from [""]),
-so that they differ only in what is compared:
-- `robust`: the shipped adapter adapters/<concept>_robust (recipes/toy/<concept>_robust.yaml: the kind
-  recipe with an `attack:` section);
-- `plain`: the kind recipe as it is (LoRA, no attacker), trained here;
+For each concept, three erasures of the shipped toy model, all from the concept's robust recipe
+(recipes/toy/<concept>_robust.yaml: every prompt in 16 contexts, the rest of the kind preserved), so that they
+differ only in what is compared:
+- `robust`: the shipped adapter adapters/<concept>_robust (that recipe as it is, with its `attack:` section);
+- `plain`: that recipe without its attackers, with ESD's neutral prompt each context without the concept and
+  the concept's rows retrained beside its K/V LoRA (BASELINE and PLAIN: the kind recipes colour.yaml and
+  shape.yaml as they were when the table was measured), trained here;
 - `classic`: classic ESD (`adapter: none`: the esd-x cross-attention weights themselves, Adam) from the
-  kind recipe, trained here at its best lr: for the first concept, each of CLASSIC_LRS is trained and
+  same baseline, trained here at its best lr: for the first concept, each of CLASSIC_LRS is trained and
   measured by `esd-lora eval` (default prompts, 16 images each), and the lr with the lowest worst-case
   detection of the concept among those keeping the other concepts at >= 90 % of base wins (the lowest
   detection if none does); the other concepts use that lr. The chosen run is merged.
@@ -22,7 +22,7 @@ word; two tokens at another lr) and, for the --merged-on concepts, on its merged
 `--variants "robust, esd-u" "robust, text encoder" "robust, concept tokens"` compares the modules the robust
 recipe trains: the same recipe with LoRA on everything but cross-attention (esd-u) instead of its K/V, on its
 K/V and on every projection of the text encoder, or on its K/V and the embeddings of the concept's own words
-(`adapter.concept_tokens`; it also leaves the concept out of each context as neutral prompt, as colour.yaml
+(`adapter.concept_tokens`; it also leaves the concept out of each context as neutral prompt, as the baseline
 does, so it differs from `robust` in two settings); "robust, concept tokens, ti only" is the last one trained
 against its textual-inversion attacker alone (`attack.methods=[ti]`), ", preserve 3" with the preserve prompts
 weighted 3, ", own context" with each latent trained under the attackers' prompt in its own context
@@ -45,7 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "attack_table"
 CLASSIC_LRS = ("1e-4", "3e-4", "1e-3")
 OTHER_WORD = {"red": "blue", "star": "circle"}
-KIND_RECIPE = {"red": "recipes/toy/colour.yaml", "star": "recipes/toy/shape.yaml"}
+# plain and classic ESD: the robust recipe without its attackers, ESD's neutral prompt each context without the
+# concept (shapes at eta 2), as recipes/toy/colour.yaml and shape.yaml were when this table was measured;
+# plain also retrains the concept's rows beside its K/V LoRA (the kind recipes have since kept the rows alone)
+BASELINE = {"red": ["attack.methods=[]", "concept.erase_from=['']"],
+            "star": ["attack.methods=[]", "concept.erase_from=['']", "concept.eta=2"]}
+PLAIN = ["adapter.concept_tokens=true"]
 ATTACKS = {
     "ti, lr 5e-3": ["--method", "ti", "--lr", "5e-3"],
     "ti, lr 5e-2": ["--method", "ti", "--lr", "5e-2"],
@@ -65,7 +70,7 @@ STEPS_20 = ["attack.steps=20", "attack.restart_every=20"]
 MODULES = {  # the robust recipe with other trained modules than cross-attention K/V (esd-x-strict)
     "robust, esd-u": ["adapter.targets=esd-u"],
     "robust, text encoder": ["adapter.text_encoder=all"],  # on K/V as well
-    # on K/V as well; the concept left out of each context as ESD's neutral prompt, as the kind recipes do
+    # on K/V as well; the concept left out of each context as ESD's neutral prompt, as the baseline does
     "robust, concept tokens": ["adapter.concept_tokens=true", "concept.erase_from=['']"],
     # the same against the textual-inversion attacker alone: the soft prompt starts from random words, on the
     # toy mostly other concepts, and training under them pulled those concepts out too
@@ -115,17 +120,17 @@ def esd_lora(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "esd_lora", *args], check=True, cwd=ROOT)
 
 
-def trained(concept: str, name: str, overrides: list[str], recipe: str | None = None) -> Path:
-    """A run of the concept's kind recipe (or `recipe`) with overrides, trained once (cached)."""
+def trained(concept: str, name: str, overrides: list[str]) -> Path:
+    """A run of the concept's robust recipe with overrides, trained once (cached)."""
     run = WORK / concept / name
     if not (run / "summary.json").exists():
-        esd_lora("train", recipe or KIND_RECIPE[concept], f"name={concept}", *overrides, f"output.dir={run}",
+        esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides, f"output.dir={run}",
                  "--overwrite", "--quiet")
     return run
 
 
 def classic_run(concept: str, lr: str) -> Path:
-    return trained(concept, f"classic_lr{lr}", ["adapter=none", "adapter.targets=esd-x", "train.optimizer=adam",
+    return trained(concept, f"classic_lr{lr}", [*BASELINE[concept], "adapter=none", "adapter.targets=esd-x", "train.optimizer=adam",
                                                 f"train.lr={lr}"])
 
 
@@ -181,12 +186,11 @@ def erasure_args(concept: str, variant: str, sweep_concept: str) -> list[str]:
         (adapter,) = erasure_args(concept, unmerged, sweep_concept)[1:]
         return ["--erased-model", str(merged_model(concept, unmerged, adapter))]
     if variant == "plain":
-        return ["--adapter", str(trained(concept, "plain", []))]
+        return ["--adapter", str(trained(concept, "plain", [*BASELINE[concept], *PLAIN]))]
     if variant == "robust":
         return ["--adapter", f"adapters/{concept}_robust"]
     if variant in MODULES:
-        return ["--adapter", str(trained(concept, run_name(variant), MODULES[variant],
-                                         f"recipes/toy/{concept}_robust.yaml"))]
+        return ["--adapter", str(trained(concept, run_name(variant), MODULES[variant]))]
     return ["--erased-model", str(classic_model(concept, sweep_concept))]
 
 
@@ -233,12 +237,12 @@ def sweep_table(concept: str) -> list[str]:
 
 
 def training_times(concept: str, steps: int | None, variant: str) -> dict[str, float]:
-    """Wall time of `esd-lora train` (start-up included) for the kind recipe and a robust variant, at `steps`
+    """Wall time of `esd-lora train` (start-up included) for the plain baseline and a robust variant, at `steps`
     steps or the recipes' own, back to back (run it alone on the machine: the ratio is the robust erasure's
     cost)."""
     out = {}
     robust = [] if variant == "robust" else MODULES[variant]
-    for name, recipe, overrides in (("plain", KIND_RECIPE[concept], []),
+    for name, recipe, overrides in (("plain", f"recipes/toy/{concept}_robust.yaml", [*BASELINE[concept], *PLAIN]),
                                     ("robust", f"recipes/toy/{concept}_robust.yaml", robust)):
         started = time.time()
         esd_lora("train", recipe, f"name={concept}", *overrides, *([f"train.steps={steps}"] if steps else []),

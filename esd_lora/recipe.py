@@ -99,6 +99,10 @@ class TrainSection:
     Adam moves every weight by about the lr per step and an embedding's entries are much smaller than a LoRA
     matrix's: on the toy at lr 2e-3 the rows move 2-3 times their own length. A lower token_lr keeps them
     near real words' embeddings (on the toy's green, a tenth of the lr also erased less).
+    lr 0 with a token_lr: the rows alone carry the erasure and the LoRA stays zero. A row is read in every
+    context the word appears in, so that erasure holds across phrasings (on the toy, better than beside a
+    trained K/V LoRA, which fits the trained contexts), but it is about the words: the UNet still draws the
+    concept for anyone who finds another way to say it (a learned token, a word not listed).
 
     refresh_every 1 is the paper's sampling: a fresh partial DDIM run for every step, most of a step's
     compute. N > 1 samples one full run of `batch` images every N steps and trains each step on a latent
@@ -297,7 +301,7 @@ def _check(recipe: Recipe) -> None:
         ("adapter.dropout", 0 <= a.dropout < 1, "must be in [0, 1)"),
         ("adapter.targets", bool(a.targets), "must name a preset, a regex or a list of modules"),
         ("train.steps", 1 <= t.steps <= 10_000_000, "must be in [1, 1e7]"),
-        ("train.lr", 0 < t.lr <= 1, "must be in (0, 1]"),
+        ("train.lr", 0 <= t.lr <= 1, "must be in [0, 1]"),
         ("train.token_lr", t.token_lr is None or 0 < t.token_lr <= 1, "must be in (0, 1]"),
         ("train.warmup_steps", 0 <= t.warmup_steps <= t.steps, "must be in [0, train.steps]"),
         ("train.batch", 1 <= t.batch <= 1024, "must be in [1, 1024]"),
@@ -323,6 +327,12 @@ def _check(recipe: Recipe) -> None:
         rules.append(("adapter.concept_tokens", False, "trained token embeddings need adapter.kind lora"))
     if t.token_lr is not None and not a.concept_tokens:
         rules.append(("train.token_lr", False, "sets the lr of retrained token rows; it needs adapter.concept_tokens"))
+    if t.lr == 0 and not (a.concept_tokens and t.token_lr):
+        rules.append(("train.lr", False, "0 leaves the LoRA untrained, so it needs the concept's rows to train "
+                      "instead: adapter.concept_tokens and train.token_lr"))
+    if t.lr == 0 and c.trained().preserve:
+        rules.append(("concept.preserve", False, "with train.lr 0 only the concept's rows train, and no preserve "
+                      "prompt says those words, so its loss is always zero; give concept.preserve=[]"))
     if a.concept_tokens and a.text_encoder:
         rules.append(("adapter.concept_tokens", False, "give either adapter.text_encoder or concept_tokens, "
                       "not both: the text encoder takes one adapter"))

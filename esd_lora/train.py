@@ -68,16 +68,16 @@ def make_optimizer(name: str, params: list[torch.nn.Parameter] | list[dict], lr:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def learning_rate(cfg: TrainSection, step: int) -> float:
-    """Linear warm-up, then constant or cosine decay to zero at the last step. Adam moves every weight
-    by about lr per step whatever the gradient's size, so at a constant lr an erasure keeps wandering
-    across the edge of erased; the decay lets the adapter settle."""
+def lr_factor(cfg: TrainSection, step: int) -> float:
+    """The share of each group's lr at this step: linear warm-up, then constant or cosine decay to zero at the
+    last step. Adam moves every weight by about lr per step whatever the gradient's size, so at a constant lr
+    an erasure keeps wandering across the edge of erased; the decay lets the adapter settle."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
-        return cfg.lr
+        return 1.0
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def step_random(seed: int, step: int, process: int) -> tuple[torch.Generator, random.Random]:
@@ -91,14 +91,13 @@ def step_random(seed: int, step: int, process: int) -> tuple[torch.Generator, ra
 @dataclass
 class TrainedModel:
     """The UNet being trained (and its text encoder, when adapted too), their trainable layers (the text
-    encoder's prefixed `text_encoder.`) and parameters, the optimizer's parameter groups and the share of
-    train.lr each trains at (kept out of the groups, which a checkpoint's optimizer state replaces), and the
-    frozen teacher."""
+    encoder's prefixed `text_encoder.`) and parameters, the optimizer's parameter groups and the peak lr of
+    each (kept out of the groups, which a checkpoint's optimizer state replaces), and the frozen teacher."""
 
     unet: torch.nn.Module
     modules: list[str]
     groups: list[dict]
-    scales: list[float]
+    lrs: list[float]
     teacher: Callable[[], AbstractContextManager]  # yields the frozen model
     text_encoder: torch.nn.Module | None = None
 
@@ -131,17 +130,22 @@ def setup_model(recipe: Recipe, unet: torch.nn.Module, pipe=None) -> TrainedMode
             unet.get_submodule(name).requires_grad_(True)
     named = [(n, p) for model in (unet, text_encoder) if model is not None for n, p in model.named_parameters()
              if p.requires_grad]
+    if recipe.train.lr == 0:  # the words' rows alone: the UNet's LoRA stays zero, frozen
+        for n, p in named:
+            p.requires_grad_(TOKEN_ROWS in n)
+        named = [(n, p) for n, p in named if TOKEN_ROWS in n]
     for _, p in named:
         p.data = p.data.float()
     rows = [p for n, p in named if TOKEN_ROWS in n]  # retrained token rows train at their own lr
-    groups, scales = [{"params": [p for n, p in named if TOKEN_ROWS not in n]}], [1.0]
+    layers = [p for n, p in named if TOKEN_ROWS not in n]
+    groups, lrs = ([{"params": layers}], [recipe.train.lr]) if layers else ([], [])
     if rows:
         groups.append({"params": rows})
-        scales.append((recipe.train.token_lr or recipe.train.lr) / recipe.train.lr)
+        lrs.append(recipe.train.token_lr or recipe.train.lr)
     if recipe.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], groups, scales, teacher, text_encoder)
+    return TrainedModel(unet, modules + [TEXT_PREFIX + m for m in text_modules], groups, lrs, teacher, text_encoder)
 
 
 def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[list[str]], dict],
@@ -228,7 +232,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         if part is not None:
             part.requires_grad_(False)
     base, model = base_identity(pipe), setup_model(recipe, pipe.unet, pipe)
-    student, optimizer = accelerator.prepare(model.unet, make_optimizer(cfg.optimizer, model.groups, cfg.lr))
+    student, optimizer = accelerator.prepare(model.unet, make_optimizer(cfg.optimizer, model.groups, model.lrs[0]))
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     conditioner = Conditioner(pipe, accelerator.device, model.unet.dtype, cache=model.text_encoder is None)
     source = latent_source(recipe, model.unet, conditioner, scheduler)
@@ -241,9 +245,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
                disable=not (progress and accelerator.is_main_process))
     for step in bar:
         gen, rng = step_random(cfg.seed, step, accelerator.process_index)
-        lr = learning_rate(cfg, step)
-        for group, scale in zip(optimizer.param_groups, model.scales):
-            group["lr"] = lr * scale
+        factor = lr_factor(cfg, step)
+        for group, peak in zip(optimizer.param_groups, model.lrs):
+            group["lr"] = peak * factor
         latents = source.draw(step, gen, rng, sampling)
         if adversaries and step % recipe.attack.every == 0:
             with accelerator.autocast():
@@ -265,7 +269,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
         _stop_unless_finite("trained weights", model.params, step + 1, out)
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        log.write(step + 1, loss.item(), lr, latents.ks, time.time() - t0)
+        log.write(step + 1, loss.item(), model.lrs[0] * factor, latents.ks, time.time() - t0)
         every = recipe.output.checkpoint_every
         if accelerator.is_main_process and every and (step + 1) % every == 0 and step + 1 < cfg.steps:
             _save_checkpoint(out, step + 1, accelerator.unwrap_model(student), model.text_encoder, optimizer, source,

@@ -226,6 +226,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         ("train-out-finished", ["train", "{recipes}/good.yaml", "output.dir={adapter}"], "already holds an adapter"),
         ("train-out-run-files", ["train", "{recipes}/good.yaml", "output.dir={root}/runlike"], "log.jsonl"),
         ("train-out-model", ["train", "{recipes}/good.yaml", "output.dir={model}"], "holds the base model"),
+        ("train-rows-only-preserve", ["train", "{recipes}/good.yaml", "adapter.concept_tokens=true", "train.lr=0",
+                                      "train.token_lr=1e-3", "concept.preserve=[a blue shape]"], "concept.preserve"),
         ("merge-single-file-inside-out", ["merge", "{adapter}", "--base", "{model}", "--out", "{root}/m",
                                           "--single-file", "{root}/m/x.safetensors"], "inside --out"),
         ("sample-out-dir-file", ["sample", "x", "--model", "{model}", "--out", "{root}/g.png", "--out-dir",
@@ -269,7 +271,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "attack.batch=0": "attack.batch", "adapter.text_encoder=(": "adapter.text_encoder",
         "adapter.text_encoder=conv_in": "adapter.text_encoder", "adapter.text_encoder=[nowhere]": "adapter.text_encoder",
         "adapter.concept_tokens=maybe": "adapter.concept_tokens", "train.token_lr=0": "train.token_lr",
-        "train.token_lr=1e-4": "train.token_lr",
+        "train.token_lr=1e-4": "train.token_lr", "train.lr=0": "train.lr",
     }
     for override, words in overrides.items():
         cases.append((f"train-override-{override}", ["train", "{recipes}/good.yaml", override], words))

@@ -11,7 +11,7 @@ from esd_lora.errors import EsdLoraError
 from esd_lora.models import load_pipeline
 from esd_lora.provenance import read_metadata, unet_sha256
 from esd_lora.recipe import RecipeError, from_dict
-from esd_lora.train import learning_rate, make_optimizer, train
+from esd_lora.train import lr_factor, make_optimizer, train
 
 
 def recipe_for(model, out, **train_keys):
@@ -274,10 +274,10 @@ def test_on_step_sees_the_training_pipeline_and_can_stop_early(tiny_models, tmp_
 def test_learning_rate_warms_up_then_decays_to_zero_or_stays():
     cosine = from_dict({"concept": {"prompts": ["x"]},
                         "train": {"steps": 10, "lr": 1.0, "warmup_steps": 2, "lr_schedule": "cosine"}}).train
-    lrs = [learning_rate(cosine, s) for s in range(10)]
+    lrs = [lr_factor(cosine, s) for s in range(10)]
     assert lrs[:3] == [0.5, 1.0, 1.0] and all(a > b for a, b in zip(lrs[2:], lrs[3:])) and 0 < lrs[-1] < 0.05
     cosine.lr_schedule = "constant"
-    assert [learning_rate(cosine, s) for s in range(10)] == [0.5] + [1.0] * 9
+    assert [lr_factor(cosine, s) for s in range(10)] == [0.5] + [1.0] * 9
 
 
 def test_a_finished_adapter_is_replaced_only_when_asked(tiny_models, tmp_path):
@@ -332,3 +332,16 @@ def test_retrained_token_rows_train_at_their_own_lr(tiny_models, tmp_path):
     base = pipe.text_encoder.get_input_embeddings().weight[sorted(pipe.tokenizer.convert_tokens_to_ids(["red", "crimson"]))]
     assert (rows - base).abs().max() < 1e-6  # Adam moves a weight by about its lr per step: 3 steps of 1e-8
     assert any(v.abs().max() > 1e-3 for k, v in weights.items() if "lora_B" in k)  # the LoRA at train.lr
+
+
+def test_at_lr_0_the_rows_alone_train_and_the_lora_stays_zero(tiny_models, tmp_path):
+    recipe = recipe_for(tiny_models["sd1"], tmp_path / "rows", lr=1e-2)
+    recipe.adapter.concept_tokens, recipe.train.lr, recipe.train.token_lr = True, 0.0, 1e-2
+    train(recipe, progress=False)
+    weights = load_file(str(tmp_path / "rows" / WEIGHTS_NAME))
+    rows = weights["text_encoder.text_model.embeddings.token_embedding.trainable_tokens_delta"]
+    pipe = load_pipeline(str(tiny_models["sd1"]))
+    base = pipe.text_encoder.get_input_embeddings().weight[sorted(pipe.tokenizer.convert_tokens_to_ids(["red", "crimson"]))]
+    assert (rows - base).abs().max() > 1e-3  # the rows trained at token_lr
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # the LoRA as initialised: no change
