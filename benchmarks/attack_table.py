@@ -130,8 +130,8 @@ def trained(concept: str, name: str, overrides: list[str]) -> Path:
 
 
 def classic_run(concept: str, lr: str) -> Path:
-    return trained(concept, f"classic_lr{lr}", [*BASELINE[concept], "adapter=none", "adapter.targets=esd-x", "train.optimizer=adam",
-                                                f"train.lr={lr}"])
+    return trained(concept, f"classic_lr{lr}", [*BASELINE[concept], "adapter=none", "adapter.targets=esd-x",
+                                                "train.optimizer=adam", f"train.lr={lr}"])
 
 
 def classic_sweep(concept: str) -> dict[str, dict]:
@@ -242,10 +242,9 @@ def training_times(concept: str, steps: int | None, variant: str) -> dict[str, f
     cost)."""
     out = {}
     robust = [] if variant == "robust" else MODULES[variant]
-    for name, recipe, overrides in (("plain", f"recipes/toy/{concept}_robust.yaml", [*BASELINE[concept], *PLAIN]),
-                                    ("robust", f"recipes/toy/{concept}_robust.yaml", robust)):
+    for name, overrides in (("plain", [*BASELINE[concept], *PLAIN]), ("robust", robust)):
         started = time.time()
-        esd_lora("train", recipe, f"name={concept}", *overrides, *([f"train.steps={steps}"] if steps else []),
+        esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides, *([f"train.steps={steps}"] if steps else []),
                  f"output.dir={WORK / concept / ('time_' + name)}", "--overwrite", "--quiet")
         out[name] = round(time.time() - started, 1)
     return out
