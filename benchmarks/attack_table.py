@@ -244,8 +244,9 @@ def training_times(concept: str, steps: int | None, variant: str) -> dict[str, f
     robust = [] if variant == "robust" else MODULES[variant]
     for name, overrides in (("plain", [*BASELINE[concept], *PLAIN]), ("robust", robust)):
         started = time.time()
-        esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides, *([f"train.steps={steps}"] if steps else []),
-                 f"output.dir={WORK / concept / ('time_' + name)}", "--overwrite", "--quiet")
+        esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides,
+                 *([f"train.steps={steps}"] if steps else []), f"output.dir={WORK / concept / ('time_' + name)}",
+                 "--overwrite", "--quiet")
         out[name] = round(time.time() - started, 1)
     return out
 

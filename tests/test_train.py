@@ -341,7 +341,8 @@ def test_at_lr_0_the_rows_alone_train_and_the_lora_stays_zero(tiny_models, tmp_p
     weights = load_file(str(tmp_path / "rows" / WEIGHTS_NAME))
     rows = weights["text_encoder.text_model.embeddings.token_embedding.trainable_tokens_delta"]
     pipe = load_pipeline(str(tiny_models["sd1"]))
-    base = pipe.text_encoder.get_input_embeddings().weight[sorted(pipe.tokenizer.convert_tokens_to_ids(["red", "crimson"]))]
+    words = sorted(pipe.tokenizer.convert_tokens_to_ids(["red", "crimson"]))
+    base = pipe.text_encoder.get_input_embeddings().weight[words]
     assert (rows - base).abs().max() > 1e-3  # the rows trained at token_lr
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b)  # the LoRA as initialised: no change
