@@ -26,7 +26,10 @@ K/V and on every projection of the text encoder, or on its K/V and the embedding
 does, so it differs from `robust` in two settings); "robust, concept tokens, ti only" is the last one trained
 against its textual-inversion attacker alone (`attack.methods=[ti]`), ", preserve 3" with the preserve prompts
 weighted 3, ", own context" with each latent trained under the attackers' prompt in its own context
-(`attack.context=own`), and ", own context, preserve 3" with both.
+(`attack.context=own`), and ", own context, preserve 3" with both; later variants add to these names what
+they change: ", attack steps 20" (the attackers refitted 20 steps, restarted every 20 refits), ", 2 tokens"
+(`attack.tokens=2`), ", synonyms kept" (every word of the kind preserved, synonyms too), ", preserve 10",
+", pool" (`attack.pool=4`), ", cosine" (`train.lr_schedule=cosine`), ", seed N" (`train.seed=N`).
 Runs are cached in build/attack_table/ (a finished run's report is reused; --fresh redoes them); the table goes
 to benchmarks/ATTACK_RESULTS.md (or `--out`) after every run.
 """
@@ -104,6 +107,36 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     "robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 0": [
         *OWN_PRESERVE_3, *STEPS_20, "attack.eta=0"],
     "robust, concept tokens, own context, preserve 3, seed 1": [*OWN_PRESERVE_3, "train.seed=1"],
+    # the attack-steps-20 recipe on a cosine lr: the adapter settles at the end instead of following the last
+    # attacker, as weight averaging does in adversarial training
+    "robust, concept tokens, own context, preserve 3, attack steps 20, cosine": [
+        *OWN_PRESERVE_3, *STEPS_20, "train.lr_schedule=cosine"],
+    # and with attackers of two tokens, a superset of the one-token attacks
+    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens{s}": [
+        *OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1", ", seed 2"))},
+    # ... with every word of the kind preserved, synonyms too ({synonyms}), at weight 3 or 10
+    "robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens, synonyms kept": [
+        *OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2", "{synonyms}"],
+    "robust, concept tokens, own context, preserve 10, attack steps 20, 2 tokens, synonyms kept": [
+        *OWN_PRESERVE_3, "concept.preserve_weight=10", *STEPS_20, "attack.tokens=2", "{synonyms}"],
+    # ... with every earlier attacker (as it was before each restart) kept, one of them trained under each step
+    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens, pool{s}": [
+        *OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2", "attack.pool=4", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1"))},
+    # the attack-steps-20 recipe with its LoRA on every layer but cross-attention instead of K/V
+    "robust, esd-u, concept tokens, own context, preserve 3, attack steps 20": [
+        *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-u"],
+    # every word of the kind preserved at weight 3 or 10, the attackers as the recipe has them (10 steps a
+    # refit); star_robust.yaml is the weight-10 one since it was measured
+    "robust, concept tokens, own context, preserve 3, synonyms kept": [*OWN_PRESERVE_3, "{synonyms}"],
+    **{f"robust, concept tokens, own context, preserve 10, synonyms kept{s}": [
+        *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1", ", seed 2"))},
+    "robust, concept tokens, own context, preserve 10, synonyms kept, attack steps 20, seed 1": [
+        *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", *STEPS_20, "train.seed=1"],
+    "robust, concept tokens, own context, preserve 10, synonyms kept, pool, seed 1": [
+        *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.pool=4", "train.seed=1"],
 }
 
 
@@ -124,9 +157,19 @@ def trained(concept: str, name: str, overrides: list[str]) -> Path:
     """A run of the concept's robust recipe with overrides, trained once (cached)."""
     run = WORK / concept / name
     if not (run / "summary.json").exists():
+        overrides = [synonyms_kept(concept) if o == "{synonyms}" else o for o in overrides]
         esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides, f"output.dir={run}",
                  "--overwrite", "--quiet")
     return run
+
+
+def synonyms_kept(concept: str) -> str:
+    """The override that preserves every word of the concept's kind (names and synonyms; the concept's own
+    words are dropped from the preserve prompts by the recipe)."""
+    from esd_lora.toy.vocab import KINDS, kind_of
+
+    words = [w for name, syn in KINDS[kind_of(concept)].items() for w in (name, *syn)]
+    return f"concept.preserve=[{', '.join(words)}]"
 
 
 def classic_run(concept: str, lr: str) -> Path:

@@ -14,6 +14,7 @@ weights never change and the pipeline samples with the tokens like with any word
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,17 @@ class LearnedTokens:
     def text(self) -> str:
         """The tokens as they are written in a prompt: the first name, which the pipeline expands to all."""
         return self.names[0]
+
+    @contextmanager
+    def substituted(self, vectors: torch.Tensor | None):
+        """Encode with other vectors in place of the learned ones for a while (None: the learned ones)."""
+        learned = self.vectors
+        if vectors is not None:
+            self.vectors = vectors
+        try:
+            yield
+        finally:
+            self.vectors = learned
 
     def _substitute(self, module, args, out: torch.Tensor) -> torch.Tensor:
         ids = args[0]
@@ -192,12 +204,15 @@ class Adversary:
         self.fit = TokenFit(captions(method, self.tokens.text, texts), section.lr, section.batch)
         self.prompts = sorted(set(self.fit.captions))
         self.own = captions(method, self.tokens.text, list(own))
+        self.pool: list[torch.Tensor] = []  # earlier attackers, as they were before each restart
 
     def refresh(self, unet, scheduler, generator: torch.Generator, index: int) -> None:
         """The `index`-th refit against the model as it is now (its own weights are not touched); every
         `restart_every`-th starts again from the initial tokens."""
         restart = self.section.restart_every
         if restart and index and index % restart == 0:
+            if self.section.pool:
+                self.pool = [*self.pool, self.tokens.vectors.detach().clone()][-self.section.pool:]
             with torch.no_grad():
                 self.tokens.vectors.copy_(self.init)
         self.fit.run(self.tokens, unet, scheduler, self.x0, self.section.steps, generator)
@@ -209,15 +224,27 @@ class Adversary:
             return [self.own[i] for i in picks]
         return [rng.choice(self.prompts) for _ in picks]
 
-    def condition(self, prompts: list[str], grad: bool = False) -> dict:
-        """UNet keyword arguments of prompts with the tokens; differentiable (`grad`) when the erasure trains
-        the text encoder, which then learns to disarm the tokens too."""
-        with torch.set_grad_enabled(grad):
+    def past(self, rng: random.Random) -> torch.Tensor | None:
+        """One earlier attacker's tokens, picked at random (None while the pool is empty)."""
+        return rng.choice(self.pool) if self.pool else None
+
+    def condition(self, prompts: list[str], grad: bool = False, vectors: torch.Tensor | None = None) -> dict:
+        """UNet keyword arguments of prompts with the tokens (or with earlier `vectors` from the pool);
+        differentiable (`grad`) when the erasure trains the text encoder, which then learns to disarm the
+        tokens too."""
+        with torch.set_grad_enabled(grad), self.tokens.substituted(vectors):
             return {"encoder_hidden_states": self.tokens.encode(prompts)}
 
     def state(self) -> dict[str, torch.Tensor]:
-        return self.tokens.state()
+        """The tokens, and the pool's (as `<name>.pool`, one row of tokens per earlier attacker) when it has any."""
+        state = self.tokens.state()
+        if self.pool:
+            state[self.tokens.names[0] + ".pool"] = torch.stack(self.pool).cpu()
+        return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        name = self.tokens.names[0]
         with torch.no_grad():
-            self.tokens.vectors.copy_(state[self.tokens.names[0]])
+            self.tokens.vectors.copy_(state[name])
+        device = self.tokens.vectors.device
+        self.pool = list(state[name + ".pool"].to(device).unbind()) if name + ".pool" in state else []

@@ -146,7 +146,10 @@ class AttackSection:
     (`attacker`): the concept's target where the tokens say the concept and nothing else, and whatever else
     they say (the other words they drifted to) kept. `eta` is the concept's eta in the attackers' targets
     (default concept.eta): 0 pulls their prediction to the neutral prompt's and no further, so that they are
-    not pushed to what lies opposite the concept. The adapter stays a LoRA on the UNet, so it merges as
+    not pushed to what lies opposite the concept. `pool`: how many earlier attackers each method keeps (its
+    tokens as they were just before each restart, the latest `pool`); every step also trains under one of
+    them, picked at random, so that closing the current attack does not reopen an earlier one (adversarial
+    training otherwise cycles between a few holes). The adapter stays a LoRA on the UNet, so it merges as
     any other.
     """
 
@@ -164,6 +167,7 @@ class AttackSection:
     context: Literal["any", "own"] = "any"
     target: Literal["concept", "attacker"] = "concept"
     eta: float | None = None
+    pool: int = 0
 
 
 @dataclass
@@ -320,6 +324,7 @@ def _check(recipe: Recipe) -> None:
         ("attack.images", 1 <= recipe.attack.images <= 100_000, "must be in [1, 1e5]"),
         ("attack.weight", 0 <= recipe.attack.weight <= 1e6, "must be in [0, 1e6]"),
         ("attack.eta", recipe.attack.eta is None or 0 <= recipe.attack.eta <= 1e3, "must be in [0, 1000]"),
+        ("attack.pool", 0 <= recipe.attack.pool <= 1000, "must be in [0, 1000]"),
     ]
     if a.text_encoder and a.kind != "lora":
         rules.append(("adapter.text_encoder", False, "a text-encoder adapter needs adapter.kind lora"))

@@ -253,12 +253,13 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True,
             with accelerator.autocast():
                 for adversary in adversaries:
                     adversary.refresh(accelerator.unwrap_model(student), scheduler, gen, step // recipe.attack.every)
-        said = [adversary.prompts_for(latents.picks[:cfg.batch], rng) for adversary in adversaries]
-        adversarial = [a.condition(p, grad=model.text_encoder is not None) for a, p in zip(adversaries, said)]
+        said = [(a, a.prompts_for(latents.picks[:cfg.batch], rng), None) for a in adversaries]
+        said += [(a, p, past) for a, p, _ in said if (past := a.past(rng)) is not None]  # attack.pool
+        adversarial = [a.condition(p, model.text_encoder is not None, v) for a, p, v in said]
         frozen = []
         if recipe.attack.target == "attacker":  # the teacher's conditioning: its text encoder has no adapter
             with model.teacher():
-                frozen = [a.condition(p) for a, p in zip(adversaries, said)]
+                frozen = [a.condition(p, vectors=v) for a, p, v in said]
         t = loss_timestep(latents.ks, cfg.ddim_steps, gen, scheduler.config.num_train_timesteps).to(accelerator.device)
         loss = esd.loss(student, model.teacher, latents, t, rng, accelerator.autocast, adversarial, recipe.attack.weight,
                         frozen, recipe.attack.eta)
@@ -391,7 +392,7 @@ def _load_checkpoint(checkpoint: Path, model: TrainedModel, optimizer, source, a
     if adversaries:
         saved_tokens = load_file(str(checkpoint / "adversaries.safetensors")) if (
             checkpoint / "adversaries.safetensors").exists() else {}
-        if set(saved_tokens) != {a.tokens.names[0] for a in adversaries}:
+        if {k for k in saved_tokens if not k.endswith(".pool")} != {a.tokens.names[0] for a in adversaries}:
             raise RecipeError(f"--resume: {checkpoint} was written without this recipe's attack section")
         for adversary in adversaries:
             adversary.load_state(saved_tokens)

@@ -76,6 +76,7 @@ def test_the_robust_attacker_saves_and_restores_its_tokens_and_conditions_its_pr
     assert torch.equal(adversary.state()[key], state[key])
     cond = adversary.condition(adversary.prompts_for([0, 1, 1], random.Random(0)))["encoder_hidden_states"]
     assert cond.shape[0] == 3 and not cond.requires_grad
+    assert adversary.pool == [] and adversary.past(random.Random(0)) is None  # attack.pool 0 keeps none
     soft = Adversary(pipe, "soft-prompt", AttackSection(tokens=3), "a red shape", x0, ["a red shape"] * 4, seed=0)
     assert soft.prompts == ["<esd-robust-soft-prompt> a red shape"] and len(soft.tokens.names) == 3
 
@@ -111,3 +112,26 @@ def test_new_tokens_leave_an_erasures_retrained_concept_rows_in_place(tiny_model
     assert torch.equal(encode(pipe, "a crimson star"), erased)
     with torch.no_grad():  # the attacker starts from the word as the base reads it: the erasure's row is undone
         assert torch.equal(tokens.encode([f"a {tokens.text} star"]), encode(base, "a crimson star"))
+
+
+def test_the_robust_attacker_keeps_its_latest_earlier_attackers_and_conditions_with_them(tiny_models):
+    pipe = load_pipeline(str(tiny_models["sd1"]))
+    section = AttackSection(methods=["ti"], steps=2, batch=2, restart_every=1, pool=2)
+    adversary = Adversary(pipe, "ti", section, "red", torch.randn(2, 4, 8, 8), ["a {} star"] * 2, seed=0)
+    scheduler, key = DDIMScheduler.from_config(pipe.scheduler.config), "<esd-robust-ti>"
+    fitted = []
+    for index in range(4):  # every refit after the first restarts, so each keeps the one before
+        adversary.refresh(pipe.unet, scheduler, torch.Generator().manual_seed(index), index)
+        fitted.append(adversary.state()[key])
+    assert len(adversary.pool) == 2  # the latest two
+    assert all(torch.equal(p, f) for p, f in zip(adversary.pool, fitted[1:3]))
+    assert torch.equal(adversary.past(random.Random(0)), random.Random(0).choice(adversary.pool))
+    prompt = [f"a {adversary.tokens.text} star"]
+    now, then = (adversary.condition(prompt, vectors=v)["encoder_hidden_states"] for v in (None, adversary.pool[0]))
+    assert not torch.equal(now, then)
+    assert torch.equal(adversary.condition(prompt)["encoder_hidden_states"], now)  # the learned tokens are back
+    state = adversary.state()
+    assert state[key + ".pool"].shape == (2, 1, 16)
+    restored = Adversary(pipe, "ti", section, "red", torch.randn(2, 4, 8, 8), ["a {} star"] * 2, seed=0)
+    restored.load_state(state)
+    assert all(torch.equal(a, b) for a, b in zip(restored.pool, adversary.pool)) and len(restored.pool) == 2

@@ -61,12 +61,13 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
 # two of the preserve prompt's own); robust: and with the attacker's tokens (refitted every 3 steps)
 # text: the text encoder is adapted too (`tokens`: its concept rows, at their own lr), and its adapter is
 # checkpointed with the UNet's
-@pytest.mark.parametrize("refresh_every,batch,preserve_on,robust,text", [
-    (1, 1, "erased", [], ""), (1, 1, "own", [], ""), (3, 2, "erased", [], ""), (3, 2, "own", [], ""),
-    (3, 2, "erased", ["ti"], ""), (1, 1, "erased", ["ti", "soft-prompt"], ""), (3, 2, "erased", ["ti"], "attn"),
-    (3, 2, "erased", ["ti"], "tokens")])
+# pool: the robust run keeps its earlier attackers (attack.pool), which the checkpoint carries
+@pytest.mark.parametrize("refresh_every,batch,preserve_on,robust,text,pool", [
+    (1, 1, "erased", [], "", 0), (1, 1, "own", [], "", 0), (3, 2, "erased", [], "", 0), (3, 2, "own", [], "", 0),
+    (3, 2, "erased", ["ti"], "", 0), (1, 1, "erased", ["ti", "soft-prompt"], "", 0),
+    (3, 2, "erased", ["ti"], "attn", 0), (3, 2, "erased", ["ti"], "tokens", 0), (1, 1, "erased", ["ti"], "", 4)])
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every,
-                                                                  batch, preserve_on, robust, text):
+                                                                  batch, preserve_on, robust, text, pool):
     def recipe(name):
         r = recipe_for(tiny_models["sd1"], tmp_path / name, steps=5, refresh_every=refresh_every, batch=batch)
         r.concept.preserve_on = preserve_on
@@ -76,7 +77,9 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tm
             r.adapter.text_encoder = text
         if robust:
             r.attack.methods, r.attack.every, r.attack.steps, r.attack.images, r.attack.batch = robust, 1, 2, 3, 2
-            r.attack.restart_every = 2  # the resumed run restarts the attackers when the first one did
+            # the resumed run restarts the attackers when the first one did; with a pool, from the second refit
+            # on, so that the checkpoint holds one earlier attacker
+            r.attack.restart_every, r.attack.pool = (1 if pool else 2), pool
         return r
 
     train(recipe("full"), progress=False)
@@ -154,10 +157,10 @@ def test_robust_erasure_can_pull_each_attackers_prompt_to_what_the_teacher_draws
 
     calls, condition = [], Adversary.condition
 
-    def spy(self, prompts, grad=False):
+    def spy(self, prompts, grad=False, vectors=None):
         layers = [m for m in self.tokens.pipe.text_encoder.modules() if isinstance(m, BaseTunerLayer)]
         calls.append((grad, all(layer.disable_adapters for layer in layers)))
-        return condition(self, prompts, grad)
+        return condition(self, prompts, grad, vectors)
 
     monkeypatch.setattr(Adversary, "condition", spy)
     runs = {}
