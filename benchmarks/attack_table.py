@@ -133,6 +133,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **{f"robust, concept tokens, own context, preserve 10, synonyms kept{s}": [
         *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", f"train.seed={i}"]
        for i, s in enumerate(("", ", seed 1", ", seed 2"))},
+    **{f"robust, concept tokens, own context, preserve 10, synonyms kept, 2 tokens{s}": [
+        *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.tokens=2", f"train.seed={i}"]
+       for i, s in ((1, ", seed 1"), (2, ", seed 2"))},
     "robust, concept tokens, own context, preserve 10, synonyms kept, attack steps 20, seed 1": [
         *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", *STEPS_20, "train.seed=1"],
     "robust, concept tokens, own context, preserve 10, synonyms kept, pool, seed 1": [
