@@ -148,9 +148,8 @@ class AttackSection:
     (default concept.eta): 0 pulls their prediction to the neutral prompt's and no further, so that they are
     not pushed to what lies opposite the concept. `pool`: how many earlier attackers each method keeps (its
     tokens as they were just before each restart, the latest `pool`); every step also trains under one of
-    them, picked at random, so that closing the current attack does not reopen an earlier one (adversarial
-    training otherwise cycles between a few holes). The adapter stays a LoRA on the UNet, so it merges as
-    any other.
+    them, picked at random, so that closing the current attack does not reopen an earlier one. The adapter
+    stays a LoRA on the UNet, so it merges as any other.
     """
 
     methods: list[Literal["ti", "soft-prompt"]] = field(default_factory=list)
