@@ -17,7 +17,7 @@ differ only in what is compared:
 Each is attacked by `esd-lora attack` with the same seeds, images and budgets (400 steps): textual inversion
 at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the prompt search; each robust
 erasure (`robust` and the module variants below) also with settings its training never used (another initial
-word; two tokens at another lr) and, for the --merged-on concepts, on its merged model, and measured by
+word; two tokens at another lr; another seed) and, for the --merged-on concepts, on its merged model, and measured by
 `esd-lora eval` on held-out prompts (8 per concept, 32 images each).
 `--variants "robust, esd-u" "robust, text encoder" "robust, concept tokens"` compares the modules the robust
 recipe trains: the same recipe with LoRA on everything but cross-attention (esd-u) instead of its K/V, on its
@@ -63,6 +63,7 @@ ATTACKS = {
 UNSEEN = {  # attack settings no robust training used
     "ti from another word": ["--method", "ti", "--lr", "5e-3", "--init", "{other}"],
     "ti, 2 tokens, lr 1e-2": ["--method", "ti", "--tokens", "2", "--lr", "1e-2"],
+    "ti, seed 1": ["--method", "ti", "--lr", "5e-3", "--seed", "1"],
 }
 
 
@@ -106,6 +107,10 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # the concept's opposite (for red, cyan)
     "robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 0": [
         *OWN_PRESERVE_3, *STEPS_20, "attack.eta=0"],
+    # ... and at eta 2: the attackers' prompts pulled twice as far past the neutral prediction
+    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 2{s}": [
+        *OWN_PRESERVE_3, *STEPS_20, "attack.eta=2", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1", ", seed 2"))},
     "robust, concept tokens, own context, preserve 3, seed 1": [*OWN_PRESERVE_3, "train.seed=1"],
     # the attack-steps-20 recipe on a cosine lr: the adapter settles at the end instead of following the last
     # attacker, as weight averaging does in adversarial training
@@ -123,6 +128,11 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... with every earlier attacker (as it was before each restart) kept, one of them trained under each step
     **{f"robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens, pool{s}": [
         *OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2", "attack.pool=4", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1"))},
+    # the attack-steps-20 recipe (red_robust.yaml since it was measured) with a LoRA of rank 16 instead of 4, room
+    # to take the concept's tokens apart from its neighbours'
+    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, rank 16{s}": [
+        *OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16", f"train.seed={i}"]
        for i, s in enumerate(("", ", seed 1"))},
     # the attack-steps-20 recipe with its LoRA on every layer but cross-attention instead of K/V
     "robust, esd-u, concept tokens, own context, preserve 3, attack steps 20": [
