@@ -110,7 +110,11 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... and at eta 2: the attackers' prompts pulled twice as far past the neutral prediction
     **{f"robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 2{s}": [
         *OWN_PRESERVE_3, *STEPS_20, "attack.eta=2", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1", ", seed 2"))},
+       for i, s in enumerate(("", ", seed 1"))},
+    # ... and the attackers at lr 2e-2 instead of 5e-2: nearer red, less far into its neighbours
+    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, attack lr 2e-2{s}": [
+        *OWN_PRESERVE_3, *STEPS_20, "attack.lr=2e-2", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1"))},
     "robust, concept tokens, own context, preserve 3, seed 1": [*OWN_PRESERVE_3, "train.seed=1"],
     # the attack-steps-20 recipe on a cosine lr: the adapter settles at the end instead of following the last
     # attacker, as weight averaging does in adversarial training
