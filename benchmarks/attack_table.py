@@ -17,7 +17,7 @@ differ only in what is compared:
 Each is attacked by `esd-lora attack` with the same seeds, images and budgets (400 steps): textual inversion
 at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the prompt search; each robust
 erasure (`robust` and the module variants below) also with settings its training never used (another initial
-word; two tokens at another lr; another seed) and, for the --merged-on concepts, on its merged model, and measured by
+word; two tokens at another lr; two other seeds) and, for the --merged-on concepts, on its merged model, and measured by
 `esd-lora eval` on held-out prompts (8 per concept, 32 images each).
 `--variants "robust, esd-u" "robust, text encoder" "robust, concept tokens"` compares the modules the robust
 recipe trains: the same recipe with LoRA on everything but cross-attention (esd-u) instead of its K/V, on its
@@ -64,6 +64,7 @@ UNSEEN = {  # attack settings no robust training used
     "ti from another word": ["--method", "ti", "--lr", "5e-3", "--init", "{other}"],
     "ti, 2 tokens, lr 1e-2": ["--method", "ti", "--tokens", "2", "--lr", "1e-2"],
     "ti, seed 1": ["--method", "ti", "--lr", "5e-3", "--seed", "1"],
+    "ti, seed 2": ["--method", "ti", "--lr", "5e-3", "--seed", "2"],
 }
 
 
