@@ -139,6 +139,19 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **{f"robust, concept tokens, own context, preserve 3, attack steps 20, rank 16{s}": [
         *OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16", f"train.seed={i}"]
        for i, s in enumerate(("", ", seed 1"))},
+    # the attack-steps-20 recipe with its attackers fitted to 256 of the base's samples instead of 64
+    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, 256 images{s}": [
+        *OWN_PRESERVE_3, *STEPS_20, "attack.images=256", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1"))},
+    # the attack-steps-20 recipe with its LoRA on cross-attention's queries and output too (esd-x), where the
+    # attention's softmax lies between the text and the change
+    **{f"robust, esd-x, concept tokens, own context, preserve 3, attack steps 20{s}": [
+        *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-x", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1"))},
+    # ... and the other colours preserved at weight 10
+    **{f"robust, esd-x, concept tokens, own context, preserve 10, attack steps 20{s}": [
+        *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-x", "concept.preserve_weight=10", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1"))},
     # the attack-steps-20 recipe with its LoRA on every layer but cross-attention instead of K/V
     "robust, esd-u, concept tokens, own context, preserve 3, attack steps 20": [
         *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-u"],

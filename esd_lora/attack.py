@@ -10,14 +10,17 @@ each reported as the rate at which the erased concept comes back against the com
   frozen;
 - `soft-prompt`: continuous prompt embeddings (as in UnlearnDiffAtk and AdvUnlearn) put in front of the
   prompts that name the concept, learned on the base model's samples of them.
-The base model's rate under the same prompts and tokens is reported beside the erased one.
+The base model's rate under the same prompts and tokens is reported beside the erased one. An attack's
+outcome moves with its seed (on the toy's robust red erasure, textual inversion brought red back in 19-41 %
+of images over five seeds), so `repeats` runs each attack at several seeds and reports the one that did best,
+as an attacker would keep it, beside every seed's rate.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -52,6 +55,7 @@ class AttackSettings:
     keep: int = 8
     n: int = 32
     seed: int = 0
+    repeats: int = 1  # each attack at seeds seed .. seed + repeats - 1
     sampling_steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
 
@@ -220,21 +224,28 @@ def attack(model: str, adapters: list[str], scorer, settings: AttackSettings, er
         raise EsdLoraError(f"--method {unknown[0]}: unknown (known: {', '.join(METHODS)})")
     if settings.concept not in scorer.concepts(settings.concept):
         raise EsdLoraError(f"--concept {settings.concept!r}: the scorer cannot detect it")
-    torch.manual_seed(settings.seed)
     pipe = load_pipeline(erased_model or model)
     if {"ti", "soft-prompt"} & set(settings.methods):
         check_single_encoder(pipe, f"--method {' '.join(settings.methods)}")
     load_adapters(pipe, adapters)
     base_pipe = load_pipeline(model) if erased_model else None
-    audit = Audit(pipe, base_pipe, scorer, settings, progress)
-    named = named_models().get(model)
-    renders = getattr(named, "images", None)
+    renders = getattr(named_models().get(model), "images", None)
     results, rows, tokens = {}, [], {}
     for method in settings.methods:
-        if method == "prompts":
-            results[method], grid = audit.prompt_search(candidates)
-        else:
-            results[method], grid, tokens[method] = audit.learned(method, renders)
+        runs = []
+        for seed in range(settings.seed, settings.seed + settings.repeats):
+            torch.manual_seed(seed)
+            audit = Audit(pipe, base_pipe, scorer, replace(settings, seed=seed), progress)
+            runs.append((*audit.prompt_search(candidates), None) if method == "prompts" else
+                        audit.learned(method, renders))
+        best = max(range(len(runs)), key=lambda i: runs[i][0]["rate"])  # the first of equals
+        results[method], grid, learned = runs[best]
+        results[method]["seed"] = settings.seed + best
+        results[method]["by_seed"] = [{"seed": settings.seed + i, "rate": r["rate"], "base_rate": r["base_rate"]}
+                                      for i, (r, _, _) in enumerate(runs)]
+        results[method]["mean_rate"] = _mean([r["rate"] for r, _, _ in runs])
+        if learned is not None:
+            tokens[method] = learned
         rows.append(grid)
     s = settings
     report = {"model": model, "erased_model": erased_model or model, "adapters": [str(a) for a in adapters],
@@ -255,15 +266,22 @@ def format_report(report: dict) -> str:
              f"Erased model `{report['erased_model']}`" + (f" (base `{report['model']}` + "
              + ", ".join(f"`{a}`" for a in report["adapters"]) + ")" if report["adapters"] else "")
              + f", base `{report['model']}`. Concept: **{report['concept']}**.",
-             f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}, {s['sampling_steps']} steps "
-             f"of {s['scheduler']}, guidance {s['guidance']}, scored by {s['scorer']}.", "",
-             "| attack | compute | concept back, erased model | same attack on the base |", "|---|---|---|---|"]
+             f"{s['n']} images per prompt, seeds {s['seed']}..{s['seed'] + s['n'] - 1}"
+             + (f" (an attack at seed k: k..k+{s['n'] - 1})" if s["repeats"] > 1 else "")
+             + f", {s['sampling_steps']} steps of {s['scheduler']}, guidance {s['guidance']}, scored by {s['scorer']}.",
+             "", "| attack | compute | concept back, erased model | same attack on the base |", "|---|---|---|---|"]
+    repeats = s["repeats"]
     for method, r in report["attacks"].items():
         compute = (f"{r['tried']} prompts x {r['screen_images']} images, {r['seconds']:.0f} s" if method == "prompts"
                    else f"{r['steps']} steps, {r['seconds']:.0f} s")
-        lines.append(f"| {method} | {compute} | {r['rate']:.0%} | {r['base_rate']:.0%} |")
+        spread = f" (seed {r['seed']}, the worst of {repeats}; mean {r['mean_rate']:.0%})" if repeats > 1 else ""
+        lines.append(f"| {method} | {compute} | {r['rate']:.0%}{spread} | {r['base_rate']:.0%} |")
     for method, r in report["attacks"].items():
         lines += ["", f"## {method}", ""]
+        if repeats > 1:
+            lines += [f"At seed {r['seed']}, where it did best; by seed, concept back on the erased model (on the "
+                      "base): " + ", ".join(f"{b['seed']}: {b['rate']:.0%} ({b['base_rate']:.0%})"
+                                            for b in r["by_seed"]) + ".", ""]
         if method == "prompts":
             lines += ["| prompt | erased | base |", "|---|---|---|"]
             lines += [f"| {w['prompt']} | {w['erased']:.0%} | {w['base']:.0%} |" for w in r["worst"]]

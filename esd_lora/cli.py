@@ -124,7 +124,8 @@ def _cmd_attack(args: argparse.Namespace) -> None:
     settings = AttackSettings(
         concept=args.concept, methods=list(dict.fromkeys(args.method)), steps=args.attack_steps, lr=args.lr,
         tokens=args.tokens, init=args.init, batch=args.batch, measure_at=args.measure_at or [], images=args.images,
-        candidates=args.candidates, n=args.n, seed=args.seed, sampling_steps=args.steps, guidance=args.guidance)
+        candidates=args.candidates, n=args.n, seed=args.seed, repeats=args.repeats, sampling_steps=args.steps,
+        guidance=args.guidance)
     report, grid, tokens = attack(args.model, args.adapter, scorer, settings, args.erased_model, candidates)
     with atomic_dir(args.out) as tmp:
         atomic_write_json(tmp / "report.json", report)
@@ -321,6 +322,9 @@ def _add_attack(sub) -> None:
     a.add_argument("--candidates", type=number(int, 1, 100_000), default=128,
                    help="prompts: how many of the scorer's prompts to try (default 128)")
     _sampling_flags(a, 32)
+    a.add_argument("--repeats", type=number(int, 1, 1000), default=1,
+                   help="run each attack at this many seeds (--seed, --seed+1, ...: other target images, batches "
+                        "and measured images) and report the one that did best, with every seed's rate (default 1)")
     a.add_argument("--clip", help="score with this CLIP model (folder or hub id) instead of the model's own scorer")
     a.add_argument("--kept", nargs="+", default=[], help="with --clip: other concepts, the alternatives")
     a.add_argument("--out", required=True, help="folder for report.json, report.md, grid.png and the learned tokens")

@@ -71,6 +71,23 @@ def test_every_attack_reports_its_rate_against_compute_and_the_base_under_the_sa
     assert without_times(again) == without_times(report)  # seeded: the same audit twice
 
 
+def test_repeats_run_each_attack_at_several_seeds_and_keep_the_one_that_did_best(tiny_models, tiny_adapters):
+    model, adapters = str(tiny_models["sd1"]), [str(tiny_adapters["red"])]
+    alone = [attack(model, adapters, RednessScorer(), settings(methods=["prompts", "ti"], seed=seed),
+                    progress=False)[0]["attacks"] for seed in (3, 4)]
+    report, _, tokens = attack(model, adapters, RednessScorer(), settings(methods=["prompts", "ti"], seed=3, repeats=2),
+                               progress=False)
+    for method, result in report["attacks"].items():
+        assert result["by_seed"] == [{"seed": seed, "rate": a[method]["rate"], "base_rate": a[method]["base_rate"]}
+                                     for seed, a in zip((3, 4), alone)]
+        best = max((3, 4), key=lambda seed: alone[seed - 3][method]["rate"])
+        assert result["seed"] == best and result["rate"] == alone[best - 3][method]["rate"]
+        assert result["mean_rate"] == pytest.approx((alone[0][method]["rate"] + alone[1][method]["rate"]) / 2)
+        kept = {k: v for k, v in alone[best - 3][method].items() if k not in ("seconds", "curve", "by_seed", "mean_rate")}
+        assert {k: v for k, v in result.items() if k in kept} == kept
+    assert "the worst of 2" in format_report(report) and list(tokens) == ["ti"]
+
+
 def test_learned_tokens_load_in_diffusers_and_draw_what_the_attack_measured(tiny_models, tiny_adapters, tmp_path):
     from safetensors.torch import save_file
 

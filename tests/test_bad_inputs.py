@@ -137,7 +137,8 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "toy quality": [("--n", ["0"]), ("--steps", ["0"]), ("--guidance", ["nan"])],
         "toy build": [("--unet-steps", ["0", "nan"]), ("--seed", ["-1"])],
         "attack": [("--attack-steps", ["0", "nan", "2.5"]), ("--lr", ["0", "inf", "nan"]), ("--tokens", ["0", "99"]),
-                   ("--batch", ["0"]), ("--measure-at", ["-1", "nan"]), ("--candidates", ["0"]), ("--n", ["0"])],
+                   ("--batch", ["0"]), ("--measure-at", ["-1", "nan"]), ("--candidates", ["0"]), ("--n", ["0"]),
+                   ("--repeats", ["0", "2.5"])],
     }
     base_argv = {"sample": ["sample", "a red shape", "--model", "{model}", "--out", "{root}/g.png"],
                  "eval": ["eval", "{model}", "--concepts", "red", "--out", "{root}/e"],
