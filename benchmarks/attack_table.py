@@ -152,6 +152,12 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **{f"robust, esd-x, concept tokens, own context, preserve 10, attack steps 20{s}": [
         *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-x", "concept.preserve_weight=10", f"train.seed={i}"]
        for i, s in enumerate(("", ", seed 1"))},
+    # the attack-steps-20 recipe with a LoRA on the text encoder (every attention and MLP layer) in place of the
+    # concept's rows, which cannot go together: the encoder is not linear in the token it reads
+    **{f"robust, text encoder, own context, preserve 3, attack steps 20{s}": [
+        "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3", *STEPS_20,
+        "adapter.concept_tokens=false", "adapter.text_encoder=all", f"train.seed={i}"]
+       for i, s in enumerate(("", ", seed 1"))},
     # the attack-steps-20 recipe with its LoRA on every layer but cross-attention instead of K/V
     "robust, esd-u, concept tokens, own context, preserve 3, attack steps 20": [
         *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-u"],

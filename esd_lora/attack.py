@@ -274,7 +274,7 @@ def format_report(report: dict) -> str:
     for method, r in report["attacks"].items():
         compute = (f"{r['tried']} prompts x {r['screen_images']} images, {r['seconds']:.0f} s" if method == "prompts"
                    else f"{r['steps']} steps, {r['seconds']:.0f} s")
-        spread = f" (seed {r['seed']}, the worst of {repeats}; mean {r['mean_rate']:.0%})" if repeats > 1 else ""
+        spread = f" (seed {r['seed']}, the highest of {repeats} seeds; mean {r['mean_rate']:.0%})" if repeats > 1 else ""
         lines.append(f"| {method} | {compute} | {r['rate']:.0%}{spread} | {r['base_rate']:.0%} |")
     for method, r in report["attacks"].items():
         lines += ["", f"## {method}", ""]

@@ -83,9 +83,30 @@ def test_repeats_run_each_attack_at_several_seeds_and_keep_the_one_that_did_best
         best = max((3, 4), key=lambda seed: alone[seed - 3][method]["rate"])
         assert result["seed"] == best and result["rate"] == alone[best - 3][method]["rate"]
         assert result["mean_rate"] == pytest.approx((alone[0][method]["rate"] + alone[1][method]["rate"]) / 2)
-        kept = {k: v for k, v in alone[best - 3][method].items() if k not in ("seconds", "curve", "by_seed", "mean_rate")}
-        assert {k: v for k, v in result.items() if k in kept} == kept
-    assert "the worst of 2" in format_report(report) and list(tokens) == ["ti"]
+        same = {k: v for k, v in alone[best - 3][method].items()
+                if k not in ("seconds", "curve", "by_seed", "mean_rate")}  # the best seed's own figures
+        assert {k: v for k, v in result.items() if k in same} == same
+    assert "the highest of 2 seeds" in format_report(report) and list(tokens) == ["ti"]
+
+
+def test_repeats_keep_the_seed_whose_attack_brought_the_concept_back_most(tiny_models, monkeypatch):
+    from esd_lora import attack as audit_module
+
+    rates = {3: 0.25, 4: 0.75, 5: 0.5}
+
+    def learned(self, method, renders):  # each seed's attack, as the audit would report it
+        seed, rate = self.s.seed, rates[self.s.seed]
+        result = {"rate": rate, "base_rate": 1.0, "steps": 4, "seconds": 1.0,
+                  "curve": [{"step": 4, "seconds": 1.0, "rate": rate}]}
+        return result, torch.full((2, 1, 3, 4, 4), float(seed)), {"seed": seed}
+
+    monkeypatch.setattr(audit_module.Audit, "learned", learned)
+    report, _, tokens = attack(str(tiny_models["sd1"]), [], RednessScorer(),
+                               settings(methods=["ti"], seed=3, repeats=3), progress=False)
+    result = report["attacks"]["ti"]
+    assert result["seed"] == 4 and result["rate"] == 0.75 and result["mean_rate"] == pytest.approx(0.5)
+    assert [b["rate"] for b in result["by_seed"]] == [0.25, 0.75, 0.5] and tokens["ti"] == {"seed": 4}
+    assert "75% (seed 4, the highest of 3 seeds; mean 50%)" in format_report(report)
 
 
 def test_learned_tokens_load_in_diffusers_and_draw_what_the_attack_measured(tiny_models, tiny_adapters, tmp_path):
