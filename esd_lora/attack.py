@@ -241,8 +241,8 @@ def attack(model: str, adapters: list[str], scorer, settings: AttackSettings, er
         best = max(range(len(runs)), key=lambda i: runs[i][0]["rate"])  # the first of equals
         results[method], grid, learned = runs[best]
         results[method]["seed"] = settings.seed + best
-        results[method]["by_seed"] = [{"seed": settings.seed + i, "rate": r["rate"], "base_rate": r["base_rate"]}
-                                      for i, (r, _, _) in enumerate(runs)]
+        results[method]["by_seed"] = [{"seed": settings.seed + i, "rate": r["rate"], "base_rate": r["base_rate"],
+                                       "seconds": r["seconds"]} for i, (r, _, _) in enumerate(runs)]
         results[method]["mean_rate"] = _mean([r["rate"] for r, _, _ in runs])
         if learned is not None:
             tokens[method] = learned
@@ -274,7 +274,10 @@ def format_report(report: dict) -> str:
     for method, r in report["attacks"].items():
         compute = (f"{r['tried']} prompts x {r['screen_images']} images, {r['seconds']:.0f} s" if method == "prompts"
                    else f"{r['steps']} steps, {r['seconds']:.0f} s")
-        spread = f" (seed {r['seed']}, the highest of {repeats} seeds; mean {r['mean_rate']:.0%})" if repeats > 1 else ""
+        spread = ""
+        if repeats > 1:
+            compute += f" (all {repeats} seeds: {sum(b['seconds'] for b in r['by_seed']):.0f} s)"
+            spread = f" (seed {r['seed']}, the highest of {repeats} seeds; mean {r['mean_rate']:.0%})"
         lines.append(f"| {method} | {compute} | {r['rate']:.0%}{spread} | {r['base_rate']:.0%} |")
     for method, r in report["attacks"].items():
         lines += ["", f"## {method}", ""]
