@@ -72,6 +72,11 @@ UNSEEN = {  # attack settings no robust training used
 OWN_PRESERVE_3 = ["adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own",
                   "concept.preserve_weight=3"]
 STEPS_20 = ["attack.steps=20", "attack.restart_every=20"]
+def at_seeds(name: str, overrides: list[str], seeds: tuple[int, ...] = (0, 1)) -> dict[str, list[str]]:
+    """One variant trained at several seeds: `name` at seed 0, "`name`, seed N" at the others."""
+    return {name + (f", seed {i}" if i else ""): [*overrides, f"train.seed={i}"] for i in seeds}
+
+
 MODULES = {  # the robust recipe with other trained modules than cross-attention K/V (esd-x-strict)
     "robust, esd-u": ["adapter.targets=esd-u"],
     "robust, text encoder": ["adapter.text_encoder=all"],  # on K/V as well
@@ -109,67 +114,56 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     "robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 0": [
         *OWN_PRESERVE_3, *STEPS_20, "attack.eta=0"],
     # ... and at eta 2: the attackers' prompts pulled twice as far past the neutral prediction
-    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 2{s}": [
-        *OWN_PRESERVE_3, *STEPS_20, "attack.eta=2", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1"))},
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 2",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.eta=2"]),
     # ... and the attackers at lr 2e-2 instead of 5e-2: nearer red, less far into its neighbours
-    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, attack lr 2e-2{s}": [
-        *OWN_PRESERVE_3, *STEPS_20, "attack.lr=2e-2", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1"))},
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, attack lr 2e-2",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.lr=2e-2"]),
     "robust, concept tokens, own context, preserve 3, seed 1": [*OWN_PRESERVE_3, "train.seed=1"],
     # the attack-steps-20 recipe on a cosine lr: the adapter settles at the end instead of following the last
     # attacker, as weight averaging does in adversarial training
     "robust, concept tokens, own context, preserve 3, attack steps 20, cosine": [
         *OWN_PRESERVE_3, *STEPS_20, "train.lr_schedule=cosine"],
     # and with attackers of two tokens, a superset of the one-token attacks
-    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens{s}": [
-        *OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1", ", seed 2"))},
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2"], (0, 1, 2)),
     # ... with every word of the kind preserved, synonyms too ({synonyms}), at weight 3 or 10
     "robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens, synonyms kept": [
         *OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2", "{synonyms}"],
     "robust, concept tokens, own context, preserve 10, attack steps 20, 2 tokens, synonyms kept": [
         *OWN_PRESERVE_3, "concept.preserve_weight=10", *STEPS_20, "attack.tokens=2", "{synonyms}"],
     # ... with every earlier attacker (as it was before each restart) kept, one of them trained under each step
-    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens, pool{s}": [
-        *OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2", "attack.pool=4", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1"))},
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 2 tokens, pool",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.tokens=2", "attack.pool=4"]),
     # the attack-steps-20 recipe (red_robust.yaml since it was measured) with a LoRA of rank 16 instead of 4, room
     # to take the concept's tokens apart from its neighbours'
-    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, rank 16{s}": [
-        *OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1"))},
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, rank 16",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16"]),
     # the attack-steps-20 recipe with its attackers fitted to 256 of the base's samples instead of 64
-    **{f"robust, concept tokens, own context, preserve 3, attack steps 20, 256 images{s}": [
-        *OWN_PRESERVE_3, *STEPS_20, "attack.images=256", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1"))},
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 256 images",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.images=256"]),
     # the attack-steps-20 recipe with its LoRA on cross-attention's queries and output too (esd-x), where the
     # attention's softmax lies between the text and the change
-    **{f"robust, esd-x, concept tokens, own context, preserve 3, attack steps 20{s}": [
-        *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-x", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1"))},
+    **at_seeds("robust, esd-x, concept tokens, own context, preserve 3, attack steps 20",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-x"]),
     # ... and the other colours preserved at weight 10
-    **{f"robust, esd-x, concept tokens, own context, preserve 10, attack steps 20{s}": [
-        *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-x", "concept.preserve_weight=10", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1"))},
+    **at_seeds("robust, esd-x, concept tokens, own context, preserve 10, attack steps 20",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-x", "concept.preserve_weight=10"]),
     # the attack-steps-20 recipe with a LoRA on the text encoder (every attention and MLP layer) in place of the
     # concept's rows, which cannot go together: the encoder is not linear in the token it reads
-    **{f"robust, text encoder, own context, preserve 3, attack steps 20{s}": [
-        "concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3", *STEPS_20,
-        "adapter.concept_tokens=false", "adapter.text_encoder=all", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1"))},
+    **at_seeds("robust, text encoder, own context, preserve 3, attack steps 20",
+               ["concept.erase_from=['']", "attack.context=own", "concept.preserve_weight=3", *STEPS_20,
+                "adapter.concept_tokens=false", "adapter.text_encoder=all"]),
     # the attack-steps-20 recipe with its LoRA on every layer but cross-attention instead of K/V
     "robust, esd-u, concept tokens, own context, preserve 3, attack steps 20": [
         *OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-u"],
     # every word of the kind preserved at weight 3 or 10, the attackers as the recipe has them (10 steps a
     # refit); star_robust.yaml is the weight-10 one since it was measured
     "robust, concept tokens, own context, preserve 3, synonyms kept": [*OWN_PRESERVE_3, "{synonyms}"],
-    **{f"robust, concept tokens, own context, preserve 10, synonyms kept{s}": [
-        *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", f"train.seed={i}"]
-       for i, s in enumerate(("", ", seed 1", ", seed 2"))},
-    **{f"robust, concept tokens, own context, preserve 10, synonyms kept, 2 tokens{s}": [
-        *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.tokens=2", f"train.seed={i}"]
-       for i, s in ((1, ", seed 1"), (2, ", seed 2"))},
+    **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept",
+               [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}"], (0, 1, 2)),
+    **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, 2 tokens",
+               [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.tokens=2"], (1, 2)),
     "robust, concept tokens, own context, preserve 10, synonyms kept, attack steps 20, seed 1": [
         *OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", *STEPS_20, "train.seed=1"],
     "robust, concept tokens, own context, preserve 10, synonyms kept, pool, seed 1": [
