@@ -167,6 +167,12 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, esd-u, concept tokens, own context, preserve 10 own, attack steps 20",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-u", "concept.preserve_weight=10",
                 "concept.preserve_on=own"]),
+    # the attack-steps-20 recipe with its LoRA on every layer: the words' keys and values and where the UNet draws
+    **at_seeds("robust, esd-all, concept tokens, own context, preserve 3, attack steps 20",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all"]),
+    # ... and the other colours preserved at weight 10
+    **at_seeds("robust, esd-all, concept tokens, own context, preserve 10, attack steps 20",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "concept.preserve_weight=10"]),
     # every word of the kind preserved at weight 3 or 10, the attackers as the recipe has them (10 steps a
     # refit); star_robust.yaml is the weight-10 one since it was measured
     "robust, concept tokens, own context, preserve 3, synonyms kept": [*OWN_PRESERVE_3, "{synonyms}"],
