@@ -29,7 +29,9 @@ weighted 3, ", own context" with each latent trained under the attackers' prompt
 (`attack.context=own`), and ", own context, preserve 3" with both; later variants add to these names what
 they change: ", attack steps 20" (the attackers refitted 20 steps, restarted every 20 refits), ", 2 tokens"
 (`attack.tokens=2`), ", synonyms kept" (every word of the kind preserved, synonyms too), ", preserve 10",
-", pool" (`attack.pool=4`), ", cosine" (`train.lr_schedule=cosine`), ", seed N" (`train.seed=N`).
+", pool" (`attack.pool=4`), ", cosine" (`train.lr_schedule=cosine`), ", seed N" (`train.seed=N`), and the others
+of MODULES, each with a comment on what it changes (", esd-x", ", esd-all", ", rank 16", ", 256 images", ...).
+The table has one row per erasure and one column per attack, then the held-out eval's three figures.
 Runs are cached in build/attack_table/ (a finished run's report is reused; --fresh redoes them); the table goes
 to benchmarks/ATTACK_RESULTS.md (or `--out`) after every run.
 """
@@ -170,7 +172,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # the attack-steps-20 recipe with its LoRA on every layer: the words' keys and values and where the UNet draws
     **at_seeds("robust, esd-all, concept tokens, own context, preserve 3, attack steps 20",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all"]),
-    # ... and the other colours preserved at weight 10
+    # ... and the other colours preserved at weight 5 or 10
+    **at_seeds("robust, esd-all, concept tokens, own context, preserve 5, attack steps 20",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "concept.preserve_weight=5"]),
     **at_seeds("robust, esd-all, concept tokens, own context, preserve 10, attack steps 20",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "concept.preserve_weight=10"]),
     # every word of the kind preserved at weight 3 or 10, the attackers as the recipe has them (10 steps a
@@ -354,8 +358,8 @@ def table(rows: dict, argv: list[str], sweep_concept: str) -> str:
         variants = list(dict.fromkeys(k.split("/")[1] for k in rows if k.startswith(f"{concept}/")))
         names = list(dict.fromkeys(k.split("/")[2] for k in rows if k.startswith(f"{concept}/")))
         attacks = [n for n in names if n != "held-out eval"]
-        held_out = (["held-out: concept, worst / mean", "its kind kept", "other kinds kept"]
-                    if "held-out eval" in names else [])
+        held_out = (["held-out: concept, worst / mean", "its kind kept, worst / mean",
+                     "other kinds kept, worst / mean"] if "held-out eval" in names else [])
         lines += [f"## {concept}", "", "| erasure | " + " | ".join(attacks + held_out) + " |",
                   "|---|" + "---|" * (len(attacks) + len(held_out))]
         for v in variants:
@@ -365,10 +369,10 @@ def table(rows: dict, argv: list[str], sweep_concept: str) -> str:
                 cells.append("" if r is None else f"{r['rate']:.0%} ({r['base_rate']:.0%})")
             if held_out:
                 r = rows.get(f"{concept}/{v}/held-out eval")
-                cells += [""] * 3 if r is None else [
+                cells += ([""] * 3 if r is None else [
                     f"{r['efficacy_max']:.0%} / {r['efficacy_mean']:.0%}",
                     f"{r['same_kind_min']:.0%} / {r['same_kind_mean']:.0%}",
-                    f"{r['other_kinds_min']:.0%} / {r['other_kinds_mean']:.0%}"]
+                    f"{r['other_kinds_min']:.0%} / {r['other_kinds_mean']:.0%}"])
             lines.append(f"| {v} | " + " | ".join(cells) + " |")
         lines.append("")
     if any(k.split("/")[1] == "classic" for k in rows):
