@@ -177,6 +177,11 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "concept.preserve_weight=5"]),
     **at_seeds("robust, esd-all, concept tokens, own context, preserve 10, attack steps 20",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "concept.preserve_weight=10"]),
+    # ... and every colour's synonyms preserved too (the words the attackers' tokens drift to), at weight 3 or 10
+    **at_seeds("robust, esd-all, concept tokens, own context, preserve 3, attack steps 20, synonyms kept",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "{synonyms}"]),
+    **at_seeds("robust, esd-all, concept tokens, own context, preserve 10, attack steps 20, synonyms kept",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "concept.preserve_weight=10", "{synonyms}"]),
     # every word of the kind preserved at weight 3 or 10, the attackers as the recipe has them (10 steps a
     # refit); star_robust.yaml is the weight-10 one since it was measured
     "robust, concept tokens, own context, preserve 3, synonyms kept": [*OWN_PRESERVE_3, "{synonyms}"],
