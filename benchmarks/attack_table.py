@@ -74,6 +74,8 @@ UNSEEN = {  # attack settings no robust training used
 OWN_PRESERVE_3 = ["adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own",
                   "concept.preserve_weight=3"]
 STEPS_20 = ["attack.steps=20", "attack.restart_every=20"]
+
+
 def at_seeds(name: str, overrides: list[str], seeds: tuple[int, ...] = (0, 1)) -> dict[str, list[str]]:
     """One variant trained at several seeds: `name` at seed 0, "`name`, seed N" at the others."""
     return {name + (f", seed {i}" if i else ""): [*overrides, f"train.seed={i}"] for i in seeds}
@@ -106,11 +108,8 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # the attackers' prompts weighted twice, against the preserve weight's pull the other way
     "robust, concept tokens, own context, preserve 3, attack weight 2": [*OWN_PRESERVE_3, "attack.weight=2"],
     # the attackers refitted twice as long, and over as many steps as the audit's attacks before they restart
-    "robust, concept tokens, own context, preserve 3, attack steps 20": [*OWN_PRESERVE_3, *STEPS_20],
-    "robust, concept tokens, own context, preserve 3, attack steps 20, seed 1": [
-        *OWN_PRESERVE_3, *STEPS_20, "train.seed=1"],
-    "robust, concept tokens, own context, preserve 3, attack steps 20, seed 2": [
-        *OWN_PRESERVE_3, *STEPS_20, "train.seed=2"],
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20", [*OWN_PRESERVE_3, *STEPS_20],
+               (0, 1, 2)),
     # and the attackers' targets at eta 0: their prompts pulled to the neutral prediction, not past it towards
     # the concept's opposite (for red, cyan)
     "robust, concept tokens, own context, preserve 3, attack steps 20, attack eta 0": [
