@@ -141,6 +141,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, rank 16",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16"]),
     # the attack-steps-20 recipe with its attackers fitted to 256 of the base's samples instead of 64
+    # ... and with every colour's synonyms preserved too, the words the other colours were lost by
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, rank 16, synonyms kept",
+               [*OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16", "{synonyms}"]),
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 256 images",
                [*OWN_PRESERVE_3, *STEPS_20, "attack.images=256"]),
     # the attack-steps-20 recipe with its LoRA on cross-attention's queries and output too (esd-x), where the
@@ -181,11 +184,25 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "{synonyms}"]),
     **at_seeds("robust, esd-all, concept tokens, own context, preserve 10, attack steps 20, synonyms kept",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "concept.preserve_weight=10", "{synonyms}"]),
+    # the attack-steps-20 recipe with the soft prompt started from new random words at each restart
+    # (attack.new_words): until then every restart started from the same word, the first of the audit's soft
+    # prompt at --seed 0
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, new words",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.new_words=true"]),
+    # ... with the other colours preserved at weight 5, against what the new words took of them
+    **at_seeds("robust, concept tokens, own context, preserve 5, attack steps 20, new words",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.new_words=true", "concept.preserve_weight=5"]),
+    # ... with every colour's synonyms preserved too: the words its run lost (tangerine, amber, lilac, teal)
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, new words, synonyms kept",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.new_words=true", "{synonyms}"]),
     # every word of the kind preserved at weight 3 or 10, the attackers as the recipe has them (10 steps a
     # refit); star_robust.yaml is the weight-10 one since it was measured
     "robust, concept tokens, own context, preserve 3, synonyms kept": [*OWN_PRESERVE_3, "{synonyms}"],
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}"], (0, 1, 2)),
+    # ... with the soft prompt started from new random words at each restart (attack.new_words)
+    **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, new words",
+               [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.new_words=true"]),
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, 2 tokens",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.tokens=2"], (1, 2)),
     "robust, concept tokens, own context, preserve 10, synonyms kept, attack steps 20, seed 1": [

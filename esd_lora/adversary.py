@@ -121,7 +121,7 @@ def word_embeddings(pipe, words: list[str], what: str = "--init") -> torch.Tenso
     return torch.stack(rows)
 
 
-def random_embeddings(pipe, count: int, seed: int) -> torch.Tensor:
+def random_embeddings(pipe, count: int, seed: int | str) -> torch.Tensor:
     """Rows of existing words picked at random (seeded), never an earlier learned token: a soft prompt's start
     inside the cloud of real word embeddings."""
     table = pipe.text_encoder.get_input_embeddings().weight.detach()
@@ -195,26 +195,32 @@ class Adversary:
     def __init__(self, pipe, method: str, section, init_word: str, x0: torch.Tensor, texts: list[str],
                  seed: int, own: list[str] = ()) -> None:
         self.section, self.x0 = section, x0
+        self.pipe, self.seed, self.new_words = pipe, seed, method == "soft-prompt" and section.new_words
         if method == "ti":
             self.init = word_embeddings(pipe, [section.init or init_word] * section.tokens,
                                         "attack.init" if section.init else "attack.init (default: concept.prompts[0])")
         else:
-            self.init = random_embeddings(pipe, section.tokens, seed)
+            self.init = self.words(0) if self.new_words else random_embeddings(pipe, section.tokens, seed)
         self.tokens = LearnedTokens(pipe, self.init, group=f"robust-{method}")
         self.fit = TokenFit(captions(method, self.tokens.text, texts), section.lr, section.batch)
         self.prompts = sorted(set(self.fit.captions))
         self.own = captions(method, self.tokens.text, list(own))
         self.pool: list[torch.Tensor] = []  # earlier attackers, as they were before each restart
 
+    def words(self, restart: int) -> torch.Tensor:
+        """The soft prompt's starting words at the `restart`-th start (section.new_words), seeded by a string so
+        that no integer seed of `esd-lora attack` draws the same words."""
+        return random_embeddings(self.pipe, self.section.tokens, f"robust start {restart} of seed {self.seed}")
+
     def refresh(self, unet, scheduler, generator: torch.Generator, index: int) -> None:
         """The `index`-th refit against the model as it is now (its own weights are not touched); every
-        `restart_every`-th starts again from the initial tokens."""
+        `restart_every`-th starts again from the initial tokens (new random words with section.new_words)."""
         restart = self.section.restart_every
         if restart and index and index % restart == 0:
             if self.section.pool:
                 self.pool = [*self.pool, self.tokens.vectors.detach().clone()][-self.section.pool:]
             with torch.no_grad():
-                self.tokens.vectors.copy_(self.init)
+                self.tokens.vectors.copy_(self.words(index // restart) if self.new_words else self.init)
         self.fit.run(self.tokens, unet, scheduler, self.x0, self.section.steps, generator)
 
     def prompts_for(self, picks: list[int], rng: random.Random) -> list[str]:

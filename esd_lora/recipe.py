@@ -148,8 +148,12 @@ class AttackSection:
     (default concept.eta): 0 pulls their prediction to the neutral prompt's and no further, so that they are
     not pushed to what lies opposite the concept. `pool`: how many earlier attackers each method keeps (its
     tokens as they were just before each restart, the latest `pool`); every step also trains under one of
-    them, picked at random, so that closing the current attack does not reopen an earlier one. The adapter
-    stays a LoRA on the UNet, so it merges as any other.
+    them, picked at random, so that closing the current attack does not reopen an earlier one. `new_words`: the
+    soft prompt starts from new random words at every restart (seeded by the training seed and the restart,
+    never the plain integer seeds `esd-lora attack --seed` draws its words with), so the erasure meets many
+    starts and the audit's soft prompt starts from words it never trained against; off, every restart starts
+    from the same words, the first words of the audit's draw at `--seed` equal to train.seed. The adapter stays
+    a LoRA on the UNet, so it merges as any other.
     """
 
     methods: list[Literal["ti", "soft-prompt"]] = field(default_factory=list)
@@ -167,6 +171,7 @@ class AttackSection:
     target: Literal["concept", "attacker"] = "concept"
     eta: float | None = None
     pool: int = 0
+    new_words: bool = False
 
 
 @dataclass
@@ -342,6 +347,9 @@ def _check(recipe: Recipe) -> None:
                       "not both: the text encoder takes one adapter"))
     if any(c.count("{}") != 1 for c in recipe.concept.contexts):
         rules.append(("concept.contexts", False, "each context needs exactly one {} where the prompt goes"))
+    if recipe.attack.new_words and "soft-prompt" not in recipe.attack.methods:
+        rules.append(("attack.new_words", False, "draws the soft prompt's starting words; it needs soft-prompt in "
+                      "attack.methods"))
     if any(c.count("{}") != 1 for c in recipe.attack.templates):
         rules.append(("attack.templates", False, "each template needs exactly one {} where the tokens go"))
     if {recipe.model.dtype, t.mixed_precision} == {"fp16", "bf16"}:

@@ -4,7 +4,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from esd_lora.adapter import ADAPTER_NAME, lora_config, select_modules
-from esd_lora.adversary import Adversary, LearnedTokens, TokenFit, image_latents, word_embeddings
+from esd_lora.adversary import Adversary, LearnedTokens, TokenFit, image_latents, random_embeddings, word_embeddings
 from esd_lora.models import load_pipeline
 from esd_lora.recipe import AttackSection
 from esd_lora.sample import generate
@@ -79,6 +79,22 @@ def test_the_robust_attacker_saves_and_restores_its_tokens_and_conditions_its_pr
     assert adversary.pool == [] and adversary.past(random.Random(0)) is None  # attack.pool 0 keeps none
     soft = Adversary(pipe, "soft-prompt", AttackSection(tokens=3), "a red shape", x0, ["a red shape"] * 4, seed=0)
     assert soft.prompts == ["<esd-robust-soft-prompt> a red shape"] and len(soft.tokens.names) == 3
+
+
+def test_the_robust_soft_prompt_restarts_from_new_words_never_the_audits(tiny_models):
+    pipe = load_pipeline(str(tiny_models["sd1"]))
+    section = AttackSection(methods=["soft-prompt"], tokens=3, steps=1, batch=2, restart_every=1, new_words=True)
+    soft = Adversary(pipe, "soft-prompt", section, "a red shape", torch.randn(2, 4, 8, 8), ["a red shape"] * 2,
+                     seed=0)
+    assert torch.equal(soft.init, soft.words(0))
+    assert not any(torch.equal(soft.init, random_embeddings(pipe, 3, seed)) for seed in range(5))  # audit's seeds
+    section.steps = 0  # no refit, so the tokens are where the restart put them
+    soft.refresh(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), torch.Generator(), index=2)
+    assert torch.equal(soft.tokens.vectors, soft.words(2)) and not torch.equal(soft.words(2), soft.words(1))
+    section.new_words = False
+    same = Adversary(pipe, "soft-prompt", section, "a red shape", torch.randn(2, 4, 8, 8), ["a red shape"] * 2,
+                     seed=0)
+    assert torch.equal(same.init, random_embeddings(pipe, 3, 0))  # off: the words of `attack --seed` train.seed
 
 
 def test_the_robust_attacker_says_each_latents_own_context_when_asked(tiny_models):

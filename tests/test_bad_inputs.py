@@ -273,6 +273,7 @@ def _cases() -> list[tuple[str, list[str], str]]:
         "adapter.text_encoder=conv_in": "adapter.text_encoder", "adapter.text_encoder=[nowhere]": "adapter.text_encoder",
         "adapter.concept_tokens=maybe": "adapter.concept_tokens", "train.token_lr=0": "train.token_lr",
         "train.token_lr=1e-4": "train.token_lr", "train.lr=0": "train.lr", "attack.pool=-1": "attack.pool",
+        "attack.new_words=true": "attack.new_words",
     }
     for override, words in overrides.items():
         cases.append((f"train-override-{override}", ["train", "{recipes}/good.yaml", override], words))
