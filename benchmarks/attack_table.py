@@ -140,10 +140,10 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # to take the concept's tokens apart from its neighbours'
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, rank 16",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16"]),
-    # the attack-steps-20 recipe with its attackers fitted to 256 of the base's samples instead of 64
     # ... and with every colour's synonyms preserved too, the words the other colours were lost by
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, rank 16, synonyms kept",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16", "{synonyms}"]),
+    # the attack-steps-20 recipe with its attackers fitted to 256 of the base's samples instead of 64
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 256 images",
                [*OWN_PRESERVE_3, *STEPS_20, "attack.images=256"]),
     # the attack-steps-20 recipe with its LoRA on cross-attention's queries and output too (esd-x), where the
@@ -185,8 +185,7 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, esd-all, concept tokens, own context, preserve 10, attack steps 20, synonyms kept",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all", "concept.preserve_weight=10", "{synonyms}"]),
     # the attack-steps-20 recipe with the soft prompt started from new random words at each restart
-    # (attack.new_words): until then every restart started from the same word, the first of the audit's soft
-    # prompt at --seed 0
+    # (attack.new_words), not from the same word every time, the first of the audit's draw at --seed train.seed
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, new words",
                [*OWN_PRESERVE_3, *STEPS_20, "attack.new_words=true"]),
     # ... with the other colours preserved at weight 5, against what the new words took of them

@@ -208,8 +208,9 @@ class Adversary:
         self.pool: list[torch.Tensor] = []  # earlier attackers, as they were before each restart
 
     def words(self, restart: int) -> torch.Tensor:
-        """The soft prompt's starting words at the `restart`-th start (section.new_words), seeded by a string so
-        that no integer seed of `esd-lora attack` draws the same words."""
+        """The soft prompt's starting words at the `restart`-th start (section.new_words), from a random stream
+        seeded by a string: not the draw of any integer seed of `esd-lora attack`, although on a small
+        vocabulary single words can coincide with one."""
         return random_embeddings(self.pipe, self.section.tokens, f"robust start {restart} of seed {self.seed}")
 
     def refresh(self, unet, scheduler, generator: torch.Generator, index: int) -> None:

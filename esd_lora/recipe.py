@@ -149,11 +149,11 @@ class AttackSection:
     not pushed to what lies opposite the concept. `pool`: how many earlier attackers each method keeps (its
     tokens as they were just before each restart, the latest `pool`); every step also trains under one of
     them, picked at random, so that closing the current attack does not reopen an earlier one. `new_words`: the
-    soft prompt starts from new random words at every restart (seeded by the training seed and the restart,
-    never the plain integer seeds `esd-lora attack --seed` draws its words with), so the erasure meets many
-    starts and the audit's soft prompt starts from words it never trained against; off, every restart starts
-    from the same words, the first words of the audit's draw at `--seed` equal to train.seed. The adapter stays
-    a LoRA on the UNet, so it merges as any other.
+    soft prompt starts from new random words at every restart, from a stream seeded by the training seed and
+    the restart as a string, which no integer `esd-lora attack --seed` reproduces, so the erasure meets many
+    starts and not the audit's draw (single words can still coincide on a small vocabulary); off, every
+    restart starts from the same words, the first words of the audit's draw at `--seed` equal to train.seed.
+    The adapter stays a LoRA on the UNet, so it merges as any other.
     """
 
     methods: list[Literal["ti", "soft-prompt"]] = field(default_factory=list)

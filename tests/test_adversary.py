@@ -1,3 +1,4 @@
+import dataclasses
 import random
 
 import torch
@@ -81,19 +82,20 @@ def test_the_robust_attacker_saves_and_restores_its_tokens_and_conditions_its_pr
     assert soft.prompts == ["<esd-robust-soft-prompt> a red shape"] and len(soft.tokens.names) == 3
 
 
-def test_the_robust_soft_prompt_restarts_from_new_words_never_the_audits(tiny_models):
+def test_the_robust_soft_prompt_restarts_from_new_words_not_the_audits_draw(tiny_models):
     pipe = load_pipeline(str(tiny_models["sd1"]))
-    section = AttackSection(methods=["soft-prompt"], tokens=3, steps=1, batch=2, restart_every=1, new_words=True)
+    # steps 0: no refit, so the tokens stay where a start put them
+    section = AttackSection(methods=["soft-prompt"], tokens=3, steps=0, batch=2, restart_every=2, new_words=True)
     soft = Adversary(pipe, "soft-prompt", section, "a red shape", torch.randn(2, 4, 8, 8), ["a red shape"] * 2,
                      seed=0)
-    assert torch.equal(soft.init, soft.words(0))
     assert not any(torch.equal(soft.init, random_embeddings(pipe, 3, seed)) for seed in range(5))  # audit's seeds
-    section.steps = 0  # no refit, so the tokens are where the restart put them
-    soft.refresh(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), torch.Generator(), index=2)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    soft.refresh(pipe.unet, scheduler, torch.Generator(), index=3)  # no restart: the first start's words stay
+    assert torch.equal(soft.tokens.vectors, soft.init)
+    soft.refresh(pipe.unet, scheduler, torch.Generator(), index=4)  # the second restart
     assert torch.equal(soft.tokens.vectors, soft.words(2)) and not torch.equal(soft.words(2), soft.words(1))
-    section.new_words = False
-    same = Adversary(pipe, "soft-prompt", section, "a red shape", torch.randn(2, 4, 8, 8), ["a red shape"] * 2,
-                     seed=0)
+    same = Adversary(pipe, "soft-prompt", dataclasses.replace(section, new_words=False), "a red shape",
+                     torch.randn(2, 4, 8, 8), ["a red shape"] * 2, seed=0)
     assert torch.equal(same.init, random_embeddings(pipe, 3, 0))  # off: the words of `attack --seed` train.seed
 
 

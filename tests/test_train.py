@@ -62,12 +62,15 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
 # text: the text encoder is adapted too (`tokens`: its concept rows, at their own lr), and its adapter is
 # checkpointed with the UNet's
 # pool: the robust run keeps its earlier attackers (attack.pool), which the checkpoint carries
-@pytest.mark.parametrize("refresh_every,batch,preserve_on,robust,text,pool", [
-    (1, 1, "erased", [], "", 0), (1, 1, "own", [], "", 0), (3, 2, "erased", [], "", 0), (3, 2, "own", [], "", 0),
-    (3, 2, "erased", ["ti"], "", 0), (1, 1, "erased", ["ti", "soft-prompt"], "", 0),
-    (3, 2, "erased", ["ti"], "attn", 0), (3, 2, "erased", ["ti"], "tokens", 0), (1, 1, "erased", ["ti"], "", 4)])
+# new words: the soft prompt restarts from new words (attack.new_words), the same ones after the resume
+@pytest.mark.parametrize("refresh_every,batch,preserve_on,robust,text,pool,new_words", [
+    (1, 1, "erased", [], "", 0, False), (1, 1, "own", [], "", 0, False), (3, 2, "erased", [], "", 0, False),
+    (3, 2, "own", [], "", 0, False), (3, 2, "erased", ["ti"], "", 0, False),
+    (1, 1, "erased", ["ti", "soft-prompt"], "", 0, False), (3, 2, "erased", ["ti"], "attn", 0, False),
+    (3, 2, "erased", ["ti"], "tokens", 0, False), (1, 1, "erased", ["ti"], "", 4, False),
+    (1, 1, "erased", ["soft-prompt"], "", 0, True)])
 def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch, refresh_every,
-                                                                  batch, preserve_on, robust, text, pool):
+                                                                  batch, preserve_on, robust, text, pool, new_words):
     def recipe(name):
         r = recipe_for(tiny_models["sd1"], tmp_path / name, steps=5, refresh_every=refresh_every, batch=batch)
         r.concept.preserve_on = preserve_on
@@ -79,7 +82,7 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(tiny_models, tm
             r.attack.methods, r.attack.every, r.attack.steps, r.attack.images, r.attack.batch = robust, 1, 2, 3, 2
             # the resumed run restarts the attackers when the first one did; with a pool, from the second refit
             # on, so that the checkpoint holds one earlier attacker
-            r.attack.restart_every, r.attack.pool = (1 if pool else 2), pool
+            r.attack.restart_every, r.attack.pool, r.attack.new_words = (1 if pool else 2), pool, new_words
         return r
 
     train(recipe("full"), progress=False)
