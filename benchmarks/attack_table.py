@@ -188,6 +188,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # (attack.new_words), not from the same word every time, the first of the audit's draw at --seed train.seed
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, new words",
                [*OWN_PRESERVE_3, *STEPS_20, "attack.new_words=true"]),
+    # ... with a LoRA of rank 16, room to keep the other colours apart from what the new words' attackers find
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, new words, rank 16",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.new_words=true", "adapter.rank=16", "adapter.alpha=16"]),
     # ... with the other colours preserved at weight 5, against what the new words took of them
     **at_seeds("robust, concept tokens, own context, preserve 5, attack steps 20, new words",
                [*OWN_PRESERVE_3, *STEPS_20, "attack.new_words=true", "concept.preserve_weight=5"]),
