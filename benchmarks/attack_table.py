@@ -143,6 +143,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... and with every colour's synonyms preserved too, the words the other colours were lost by
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, rank 16, synonyms kept",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16", "{synonyms}"]),
+    # the attack-steps-20 recipe with attackers of four tokens, as many as the audit's soft prompt learns
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 4 tokens",
+               [*OWN_PRESERVE_3, *STEPS_20, "attack.tokens=4"]),
     # the attack-steps-20 recipe with its attackers fitted to 256 of the base's samples instead of 64
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 256 images",
                [*OWN_PRESERVE_3, *STEPS_20, "attack.images=256"]),
@@ -205,6 +208,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... with the soft prompt started from new random words at each restart (attack.new_words)
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, new words",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.new_words=true"]),
+    # ... on a cosine lr, so that the adapter settles at the end instead of following the last attacker
+    **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, cosine",
+               [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "train.lr_schedule=cosine"]),
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, 2 tokens",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.tokens=2"], (1, 2)),
     "robust, concept tokens, own context, preserve 10, synonyms kept, attack steps 20, seed 1": [
