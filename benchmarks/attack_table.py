@@ -143,6 +143,10 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... and with every colour's synonyms preserved too, the words the other colours were lost by
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, rank 16, synonyms kept",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.rank=16", "adapter.alpha=16", "{synonyms}"]),
+    # the attack-steps-20 recipe trained twice as many steps with its attackers refitted half as often: the same
+    # attack compute, more steps for the adapter to settle between refits
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 640 steps, every 8",
+               [*OWN_PRESERVE_3, *STEPS_20, "train.steps=640", "attack.every=8"]),
     # the attack-steps-20 recipe with attackers of four tokens, as many as the audit's soft prompt learns
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, 4 tokens",
                [*OWN_PRESERVE_3, *STEPS_20, "attack.tokens=4"]),
