@@ -212,6 +212,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... with the soft prompt started from new random words at each restart (attack.new_words)
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, new words",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.new_words=true"]),
+    # ... with the attackers' prompts weighted twice, against the preserve weight's pull the other way
+    **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, attack weight 2",
+               [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.weight=2"]),
     # ... on a cosine lr, so that the adapter settles at the end instead of following the last attacker
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, cosine",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "train.lr_schedule=cosine"]),
