@@ -178,6 +178,41 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, esd-u, concept tokens, own context, preserve 10 own, attack steps 20",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-u", "concept.preserve_weight=10",
                 "concept.preserve_on=own"]),
+    # the attack-steps-20 recipe (K/V) with every colour's words preserved on their own samples, at weight 3 or 10:
+    # held where those colours are drawn, not on the concept's latents that the erasure must change
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept",
+               [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}"]),
+    **at_seeds("robust, concept tokens, own context, preserve 10 own, attack steps 20, synonyms kept",
+               [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own", "{synonyms}"]),
+    # ... with every latent sampled by the base (train.sampler frozen), so that the other colours' own samples
+    # still show them when the erasure has begun to move them
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler",
+               [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}", "train.sampler=frozen"], (0, 1, 2)),
+    **at_seeds("robust, concept tokens, own context, preserve 10 own, attack steps 20, synonyms kept, frozen sampler",
+               [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own", "{synonyms}",
+                "train.sampler=frozen"]),
+    # ... with the attackers' prompts weighted 0.5, for the other colours' sake
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "attack weight 0.5", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                                     "train.sampler=frozen", "attack.weight=0.5"]),
+    # ... with the kind's words preserved on the concept's latents as well as on their own (preserve_on both)
+    **at_seeds("robust, concept tokens, own context, preserve 3 both, attack steps 20, synonyms kept, frozen sampler",
+               [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=both", "{synonyms}", "train.sampler=frozen"]),
+    # ... in the 40 contexts of the kind recipe (colour.yaml, shape.yaml) instead of 16
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "kind contexts", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                                 "train.sampler=frozen", "{kind contexts}"]),
+    # ... with a LoRA of rank 16
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "rank 16", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                           "train.sampler=frozen", "adapter.rank=16", "adapter.alpha=16"]),
+    # ... at eta 0.5 (the attackers' too), half the push past the neutral prediction, as colour.yaml erases
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "eta 0.5", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                           "train.sampler=frozen", "concept.eta=0.5"]),
+    # ... and the attack-steps-20 recipe with the base's samples alone, the other colours kept on the concept's
+    **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, frozen sampler",
+               [*OWN_PRESERVE_3, *STEPS_20, "train.sampler=frozen"]),
     # the attack-steps-20 recipe with its LoRA on every layer: the words' keys and values and where the UNet draws
     **at_seeds("robust, esd-all, concept tokens, own context, preserve 3, attack steps 20",
                [*OWN_PRESERVE_3, *STEPS_20, "adapter.targets=esd-all"]),
@@ -218,6 +253,14 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... on a cosine lr, so that the adapter settles at the end instead of following the last attacker
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, cosine",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "train.lr_schedule=cosine"]),
+    # ... with every latent sampled by the base (train.sampler frozen), so that the erasure and its attackers keep
+    # training on the concept's own samples when the adapter no longer draws it; and with the kind's words
+    # preserved on their own samples (preserve 10 own)
+    **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, frozen sampler",
+               [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "train.sampler=frozen"]),
+    **at_seeds("robust, concept tokens, own context, preserve 10 own, synonyms kept, frozen sampler",
+               [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "train.sampler=frozen",
+                "concept.preserve_on=own"]),
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, 2 tokens",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.tokens=2"], (1, 2)),
     "robust, concept tokens, own context, preserve 10, synonyms kept, attack steps 20, seed 1": [
@@ -244,7 +287,8 @@ def trained(concept: str, name: str, overrides: list[str]) -> Path:
     """A run of the concept's robust recipe with overrides, trained once (cached)."""
     run = WORK / concept / name
     if not (run / "summary.json").exists():
-        overrides = [synonyms_kept(concept) if o == "{synonyms}" else o for o in overrides]
+        placeholders = {"{synonyms}": synonyms_kept, "{kind contexts}": kind_contexts}
+        overrides = [placeholders[o](concept) if o in placeholders else o for o in overrides]
         esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides, f"output.dir={run}",
                  "--overwrite", "--quiet")
     return run
@@ -257,6 +301,16 @@ def synonyms_kept(concept: str) -> str:
 
     words = [w for name, syn in KINDS[kind_of(concept)].items() for w in (name, *syn)]
     return f"concept.preserve=[{', '.join(words)}]"
+
+
+def kind_contexts(concept: str) -> str:
+    """The override that trains in the contexts of the concept's kind recipe (40 for each kind) instead of the
+    robust recipe's 16."""
+    import yaml
+    from esd_lora.toy.vocab import kind_of
+
+    contexts = yaml.safe_load((ROOT / "recipes" / "toy" / f"{kind_of(concept)}.yaml").read_text())["concept"]["contexts"]
+    return f"concept.contexts={json.dumps(contexts)}"
 
 
 def classic_run(concept: str, lr: str) -> Path:

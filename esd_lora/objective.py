@@ -71,7 +71,7 @@ class EsdStep:
     """One ESD update's loss on a batch of latents: the teacher's predictions for the concept and the
     neutral prompt give the target, and the trained model's prediction for the concept is pulled to it.
     Preserve prompts add a loss that keeps the trained model's predictions on them equal to the teacher's,
-    on the concept's latents or (preserve_on own) on latents sampled from the preserve prompts."""
+    on the concept's latents, on latents sampled from the preserve prompts (preserve_on own), or on both."""
 
     concept: ConceptSection
     conditioner: Callable[[list[str]], dict]  # prompts -> UNet keyword arguments (models.Conditioner)
@@ -84,11 +84,12 @@ class EsdStep:
         x_t, picks = latents.x[:b], latents.picks[:b]
         neutral = [c.subject(i) for i in picks] if c.erase_from else [""] * b
         xs, prompts = [x_t, x_t], [[c.prompts[i] for i in picks], neutral]
-        if c.preserve:
-            own = c.preserve_on == "own"
-            kept = latents.picks[b:] if own else [rng.randrange(len(c.preserve)) for _ in range(b)]
-            xs.append(latents.x[b:] if own else x_t)
-            prompts.append([c.preserve[j] for j in kept])
+        if c.preserve and c.preserve_on in ("own", "both"):
+            xs.append(latents.x[b:])
+            prompts.append([c.preserve[j] for j in latents.picks[b:]])
+        if c.preserve and c.preserve_on in ("erased", "both"):
+            xs.append(x_t)
+            prompts.append([c.preserve[rng.randrange(len(c.preserve))] for _ in range(b)])
         return xs, prompts
 
     def loss(self, student, teacher: Callable[[], AbstractContextManager], latents: LatentBatch, t: torch.Tensor,
@@ -112,7 +113,7 @@ class EsdStep:
         else:
             adversarial_target = target if eta == self.concept.eta else esd_target(preds[0], preds[1], eta)
             adversarial_targets = [adversarial_target] * len(adversarial)
-        rows = [0, 2] if self.concept.preserve else [0]  # the concept's and the preserve prompts' predictions
+        rows = [0, *range(2, len(xs))]  # the concept's and the preserve prompts' predictions
         # the student's conditions: through the text encoder's adapter when it has one (else the same, cached)
         student_xs, student_conds = [xs[i] for i in rows], [self.conditioner(prompts[i]) for i in rows]
         student_xs += [xs[0]] * len(adversarial)
@@ -120,8 +121,8 @@ class EsdStep:
         with autocast():
             eps = predictions(student, self.scheduler, student_xs, t, student_conds)
             loss = esd_loss(eps[0], target)
-            if self.concept.preserve:
-                loss = loss + self.concept.preserve_weight * esd_loss(eps[1], preds[len(xs) - 1])
+            for kept, frozen_kept in zip(eps[1:len(rows)], preds[2:len(xs)]):
+                loss = loss + self.concept.preserve_weight * esd_loss(kept, frozen_kept)
             for pred, adversarial_target in zip(eps[len(rows):], adversarial_targets):
                 loss = loss + adversarial_weight * esd_loss(pred, adversarial_target)
         return loss

@@ -39,10 +39,11 @@ class ConceptSection:
     is erased. eta: guidance strength of the erasure. preserve: prompts whose predictions must not
     change, weighted by preserve_weight, on the latents sampled for the erased prompts (preserve_on
     `erased`, no extra sampling) or on latents sampled from the preserve prompts themselves (`own`, twice
-    the sampling), which holds concepts that sit close to the erased one. A preserve prompt that is also
-    a concept prompt is dropped, so a recipe can list a whole kind once and take any one of it as the
-    concept. contexts: templates with `{}` ("a photo of a {} star"); each concept and preserve prompt is
-    trained in every one of them, so that the erasure is about the concept, not about one sentence.
+    the sampling), which holds concepts that sit close to the erased one, or on both (`both`, each weighted
+    preserve_weight). A preserve prompt that is also a concept prompt is dropped, so a recipe can list a
+    whole kind once and take any one of it as the concept. contexts: templates with `{}` ("a photo of a
+    {} star"); each concept and preserve prompt is trained in every one of them, so that the erasure is
+    about the concept, not about one sentence.
     """
 
     prompts: list[str] = field(default_factory=list)
@@ -50,7 +51,7 @@ class ConceptSection:
     eta: float = 1.0
     preserve: list[str] = field(default_factory=list)
     preserve_weight: float = 1.0
-    preserve_on: Literal["erased", "own"] = "erased"
+    preserve_on: Literal["erased", "own", "both"] = "erased"
     contexts: list[str] = field(default_factory=list)
 
     def subject(self, i: int) -> str:

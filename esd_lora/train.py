@@ -152,7 +152,7 @@ def latent_source(recipe: Recipe, unet: torch.nn.Module, conditioner: Callable[[
                   scheduler) -> PartialRuns | RefreshedTrajectories:
     """The paper's partial runs (train.refresh_every 1) or refreshed trajectories of the concept."""
     cfg, concept = recipe.train, recipe.concept.trained()
-    own = concept.preserve if concept.preserve_on == "own" else []
+    own = concept.preserve if concept.preserve_on in ("own", "both") else []
     runs = GuidedRuns(conditioner, scheduler, concept.prompts, own, cfg.batch, cfg.ddim_steps, cfg.guidance,
                       (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), unet.dtype,
                       unet.device)

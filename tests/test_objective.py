@@ -128,6 +128,39 @@ def test_preserve_on_own_latents_uses_the_preserve_images(tiny_models):
     assert prompts == [["a red shape"] * 2, [""] * 2, ["a green shape", "a blue shape"]]
 
 
+def test_preserve_on_both_keeps_the_preserve_prompts_on_their_own_latents_and_on_the_concepts(tiny_models):
+    import random
+
+    from contextlib import nullcontext
+
+    from esd_lora.latents import LatentBatch
+    from esd_lora.recipe import ConceptSection
+
+    pipe, unet = _trained_pipe(tiny_models)
+    concept = ConceptSection(prompts=["a red circle"], preserve=["a blue circle", "a green circle"],
+                             preserve_weight=2.0, preserve_on="both")
+    esd = _esd_step(pipe, concept, batch=2)
+    torch.manual_seed(2)
+    latents = LatentBatch(torch.randn(4, 4, 8, 8), ks=[3, 7], picks=[0, 0, 1, 0])
+    xs, prompts = esd.batches(latents, random.Random(0))
+    assert torch.equal(xs[2], latents.x[2:]) and torch.equal(xs[3], latents.x[:2])
+    assert prompts[2] == ["a green circle", "a blue circle"]
+    assert len(prompts[3]) == 2 and set(prompts[3]) <= set(concept.preserve)
+    t = torch.tensor([300, 700])
+    loss = esd.loss(unet, lambda: adapters_off(unet), latents, t, random.Random(0), nullcontext)
+
+    def eps(x, prompts, on):
+        with torch.no_grad(), (nullcontext() if on else adapters_off(unet)):
+            return unet(x, t, **esd.conditioner(prompts)).sample
+
+    x = latents.x[:2]
+    target = esd_target(eps(x, ["a red circle"] * 2, False), eps(x, [""] * 2, False), 1.0)
+    expected = esd_loss(eps(x, ["a red circle"] * 2, True), target)
+    for kept_x, kept in ((xs[2], prompts[2]), (xs[3], prompts[3])):
+        expected = expected + 2.0 * esd_loss(eps(kept_x, kept, True), eps(kept_x, kept, False))
+    assert torch.allclose(loss, expected, rtol=1e-4)
+
+
 def test_an_attackers_conditioning_is_pulled_to_the_concepts_target_too(tiny_models):
     import random
 

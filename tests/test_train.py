@@ -65,7 +65,7 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
 # new words: the soft prompt restarts from new words (attack.new_words), the same ones after the resume
 @pytest.mark.parametrize("refresh_every,batch,preserve_on,robust,text,pool,new_words", [
     (1, 1, "erased", [], "", 0, False), (1, 1, "own", [], "", 0, False), (3, 2, "erased", [], "", 0, False),
-    (3, 2, "own", [], "", 0, False), (3, 2, "erased", ["ti"], "", 0, False),
+    (3, 2, "own", [], "", 0, False), (3, 2, "both", ["ti"], "", 0, False), (3, 2, "erased", ["ti"], "", 0, False),
     (1, 1, "erased", ["ti", "soft-prompt"], "", 0, False), (3, 2, "erased", ["ti"], "attn", 0, False),
     (3, 2, "erased", ["ti"], "tokens", 0, False), (1, 1, "erased", ["ti"], "", 4, False),
     (1, 1, "erased", ["soft-prompt"], "", 0, True)])
