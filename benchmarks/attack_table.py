@@ -187,7 +187,8 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... with every latent sampled by the base (train.sampler frozen), so that the other colours' own samples
     # still show them when the erasure has begun to move them
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler",
-               [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}", "train.sampler=frozen"], (0, 1, 2)),
+               [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}", "train.sampler=frozen"],
+               (0, 1, 2)),
     **at_seeds("robust, concept tokens, own context, preserve 10 own, attack steps 20, synonyms kept, frozen sampler",
                [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own", "{synonyms}",
                 "train.sampler=frozen"]),
@@ -210,7 +211,7 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.5", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
                            "train.sampler=frozen", "concept.eta=0.5"]),
-    # ... and the attack-steps-20 recipe with the base's samples alone, the other colours kept on the concept's
+    # ... and the attack-steps-20 recipe with the base's samples alone, the other colours kept on the concept's latents
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, frozen sampler",
                [*OWN_PRESERVE_3, *STEPS_20, "train.sampler=frozen"]),
     # the attack-steps-20 recipe with its LoRA on every layer: the words' keys and values and where the UNet draws
@@ -254,13 +255,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, cosine",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "train.lr_schedule=cosine"]),
     # ... with every latent sampled by the base (train.sampler frozen), so that the erasure and its attackers keep
-    # training on the concept's own samples when the adapter no longer draws it; and with the kind's words
-    # preserved on their own samples (preserve 10 own)
+    # training on the concept's own samples when the adapter no longer draws it
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, frozen sampler",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "train.sampler=frozen"]),
-    **at_seeds("robust, concept tokens, own context, preserve 10 own, synonyms kept, frozen sampler",
-               [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "train.sampler=frozen",
-                "concept.preserve_on=own"]),
     **at_seeds("robust, concept tokens, own context, preserve 10, synonyms kept, 2 tokens",
                [*OWN_PRESERVE_3, "concept.preserve_weight=10", "{synonyms}", "attack.tokens=2"], (1, 2)),
     "robust, concept tokens, own context, preserve 10, synonyms kept, attack steps 20, seed 1": [
@@ -309,8 +306,8 @@ def kind_contexts(concept: str) -> str:
     import yaml
     from esd_lora.toy.vocab import kind_of
 
-    contexts = yaml.safe_load((ROOT / "recipes" / "toy" / f"{kind_of(concept)}.yaml").read_text())["concept"]["contexts"]
-    return f"concept.contexts={json.dumps(contexts)}"
+    recipe = yaml.safe_load((ROOT / "recipes" / "toy" / f"{kind_of(concept)}.yaml").read_text())
+    return f"concept.contexts={json.dumps(recipe['concept']['contexts'])}"
 
 
 def classic_run(concept: str, lr: str) -> Path:

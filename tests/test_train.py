@@ -58,7 +58,7 @@ def test_classic_mode_trains_the_selected_weights_directly(tiny_models, tmp_path
 
 
 # refresh 3: the resumed run goes on with the checkpointed trajectories (of two images, or of two images and
-# two of the preserve prompt's own); robust: and with the attacker's tokens (refitted every 3 steps)
+# two of the preserve prompt's own, also with `both`); robust: and with the attacker's tokens (refitted every 3 steps)
 # text: the text encoder is adapted too (`tokens`: its concept rows, at their own lr), and its adapter is
 # checkpointed with the UNet's
 # pool: the robust run keeps its earlier attackers (attack.pool), which the checkpoint carries
