@@ -211,6 +211,9 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.5", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
                            "train.sampler=frozen", "concept.eta=0.5"]),
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                            "train.sampler=frozen", "concept.eta=0.75"]),
     # ... and the attack-steps-20 recipe with the base's samples alone, the other colours kept on the concept's latents
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, frozen sampler",
                [*OWN_PRESERVE_3, *STEPS_20, "train.sampler=frozen"]),
