@@ -212,8 +212,25 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
                "eta 0.5", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
                            "train.sampler=frozen", "concept.eta=0.5"]),
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "eta 0.6", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                           "train.sampler=frozen", "concept.eta=0.6"], (0, 1, 2)),
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
                             "train.sampler=frozen", "concept.eta=0.75"]),
+    # ... with the concept's words at eta 0.5 and the attackers' prompts at eta 1: a gentler push for the words that
+    # other colours' prompts share, the full one where an attacker has found red
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "eta 0.5, attack eta 1", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                                         "train.sampler=frozen", "concept.eta=0.5", "attack.eta=1"]),
+    # ... with the LoRA on the queries and outputs of cross-attention too (esd-x), where softmax makes the
+    # UNet's use of the text states nonlinear
+    **at_seeds("robust, esd-x, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, "
+               "frozen sampler", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                                  "train.sampler=frozen", "adapter.targets=esd-x"]),
+    # ... with the base sampling every 4 steps instead of 12, three times as many of the other colours' own images
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "refresh 4", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                             "train.sampler=frozen", "train.refresh_every=4"]),
     # ... and the attack-steps-20 recipe with the base's samples alone, the other colours kept on the concept's latents
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, frozen sampler",
                [*OWN_PRESERVE_3, *STEPS_20, "train.sampler=frozen"]),
@@ -491,6 +508,9 @@ def main() -> None:
                     help="only time the plain recipe's training and the first variant's (a robust one), at this "
                     "many steps (default: the recipes' own)")
     args = ap.parse_args()
+    unknown = [v for v in args.variants if v.removesuffix(", merged") not in {"robust", "plain", "classic", *MODULES}]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}: give robust, plain, classic or one of MODULES")
     from esd_lora.io import atomic_write_text
 
     global TABLE_ONLY
