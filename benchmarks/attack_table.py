@@ -210,13 +210,13 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... at eta 0.5 (the attackers' too), half the push past the neutral prediction, as colour.yaml erases
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.5", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                           "train.sampler=frozen", "concept.eta=0.5"]),
+                           "train.sampler=frozen", "concept.eta=0.5"], (0, 1, 2)),
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.6", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
                            "train.sampler=frozen", "concept.eta=0.6"], (0, 1, 2)),
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                            "train.sampler=frozen", "concept.eta=0.75"]),
+                            "train.sampler=frozen", "concept.eta=0.75"], (0, 1, 2)),
     # ... with the concept's words at eta 0.5 and the attackers' prompts at eta 1: a gentler push for the words that
     # other colours' prompts share, the full one where an attacker has found red
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
