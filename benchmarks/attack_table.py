@@ -217,6 +217,10 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
                             "train.sampler=frozen", "concept.eta=0.75"], (0, 1, 2)),
+    # ... at eta 0.75 with the other colours at weight 10, at the seeds where they were lost at weight 3
+    **at_seeds("robust, concept tokens, own context, preserve 10 own, attack steps 20, synonyms kept, frozen sampler, "
+               "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own",
+                            "{synonyms}", "train.sampler=frozen", "concept.eta=0.75"], (1, 2)),
     # ... with the concept's words at eta 0.5 and the attackers' prompts at eta 1: a gentler push for the words that
     # other colours' prompts share, the full one where an attacker has found red
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
