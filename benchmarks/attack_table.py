@@ -221,6 +221,11 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, concept tokens, own context, preserve 10 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own",
                             "{synonyms}", "train.sampler=frozen", "concept.eta=0.75"], (1, 2)),
+    # ... with each attacker's prompt pulled to what the base draws under it less red (attack.target=attacker), so
+    # that what its tokens say besides red (the neighbours they drifted to) is kept
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "attacker target", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                                   "train.sampler=frozen", "attack.target=attacker"]),
     # ... with the concept's words at eta 0.5 and the attackers' prompts at eta 1: a gentler push for the words that
     # other colours' prompts share, the full one where an attacker has found red
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
