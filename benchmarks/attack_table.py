@@ -332,11 +332,11 @@ def synonyms_kept(concept: str) -> str:
 def kind_contexts(concept: str) -> str:
     """The override that trains in the contexts of the concept's kind recipe (40 for each kind) instead of the
     robust recipe's 16."""
-    import yaml
+    from esd_lora.recipe import load_recipe
     from esd_lora.toy.vocab import kind_of
 
-    recipe = yaml.safe_load((ROOT / "recipes" / "toy" / f"{kind_of(concept)}.yaml").read_text())
-    return f"concept.contexts={json.dumps(recipe['concept']['contexts'])}"
+    contexts = load_recipe(ROOT / "recipes" / "toy" / f"{kind_of(concept)}.yaml").concept.contexts
+    return f"concept.contexts={json.dumps(contexts)}"
 
 
 def classic_run(concept: str, lr: str) -> Path:
