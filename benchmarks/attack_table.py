@@ -221,6 +221,21 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     **at_seeds("robust, concept tokens, own context, preserve 10 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own",
                             "{synonyms}", "train.sampler=frozen", "concept.eta=0.75"], (1, 2)),
+    # ... at eta 0.75 with a LoRA of rank 2 or 1 (at seed 1, where rank 4 lost a colour): rank 16 lost more of the
+    # other colours than rank 4, so fewer directions of the text states moved may leave the colours beside red
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "eta 0.75, rank 2", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                                    "train.sampler=frozen", "concept.eta=0.75", "adapter.rank=2", "adapter.alpha=2"],
+               (1,)),
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "eta 0.75, rank 1", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                                    "train.sampler=frozen", "concept.eta=0.75", "adapter.rank=1", "adapter.alpha=1"],
+               (1,)),
+    # ... at eta 0.75 with textual inversion alone as the attacker: whether the soft prompt, which starts from a
+    # random word (a colour's at seeds 1 and 2), is what moves the other colours
+    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
+               "eta 0.75, ti only", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
+                                     "train.sampler=frozen", "concept.eta=0.75", "attack.methods=[ti]"], (1,)),
     # ... with each attacker's prompt pulled to what the base draws under it less red (attack.target=attacker), so
     # that what its tokens say besides red (the neighbours they drifted to) is kept
     **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
