@@ -74,6 +74,10 @@ UNSEEN = {  # attack settings no robust training used
 OWN_PRESERVE_3 = ["adapter.concept_tokens=true", "concept.erase_from=['']", "attack.context=own",
                   "concept.preserve_weight=3"]
 STEPS_20 = ["attack.steps=20", "attack.restart_every=20"]
+# the attack-steps-20 recipe with every latent sampled by the base and every colour's words preserved on their own
+# samples, which the later variants change one setting of
+FROZEN_OWN = "robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler"
+FROZEN_OWN_OVERRIDES = [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}", "train.sampler=frozen"]
 
 
 def at_seeds(name: str, overrides: list[str], seeds: tuple[int, ...] = (0, 1)) -> dict[str, list[str]]:
@@ -186,75 +190,50 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
                [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own", "{synonyms}"]),
     # ... with every latent sampled by the base (train.sampler frozen), so that the other colours' own samples
     # still show them when the erasure has begun to move them
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler",
-               [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}", "train.sampler=frozen"],
-               (0, 1, 2)),
+    **at_seeds(FROZEN_OWN, FROZEN_OWN_OVERRIDES, (0, 1, 2)),
     **at_seeds("robust, concept tokens, own context, preserve 10 own, attack steps 20, synonyms kept, frozen sampler",
                [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own", "{synonyms}",
                 "train.sampler=frozen"]),
     # ... with the attackers' prompts weighted 0.5, for the other colours' sake
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "attack weight 0.5", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                                     "train.sampler=frozen", "attack.weight=0.5"]),
+    **at_seeds(f"{FROZEN_OWN}, attack weight 0.5", [*FROZEN_OWN_OVERRIDES, "attack.weight=0.5"]),
     # ... with the kind's words preserved on the concept's latents as well as on their own (preserve_on both)
     **at_seeds("robust, concept tokens, own context, preserve 3 both, attack steps 20, synonyms kept, frozen sampler",
                [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=both", "{synonyms}", "train.sampler=frozen"]),
     # ... in the 40 contexts of the kind recipe (colour.yaml, shape.yaml) instead of 16
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "kind contexts", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                                 "train.sampler=frozen", "{kind contexts}"]),
+    **at_seeds(f"{FROZEN_OWN}, kind contexts", [*FROZEN_OWN_OVERRIDES, "{kind contexts}"]),
     # ... with a LoRA of rank 16
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "rank 16", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                           "train.sampler=frozen", "adapter.rank=16", "adapter.alpha=16"]),
+    **at_seeds(f"{FROZEN_OWN}, rank 16", [*FROZEN_OWN_OVERRIDES, "adapter.rank=16", "adapter.alpha=16"]),
     # ... at eta 0.5 (the attackers' too), half the push past the neutral prediction, as colour.yaml erases
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "eta 0.5", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                           "train.sampler=frozen", "concept.eta=0.5"], (0, 1, 2)),
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "eta 0.6", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                           "train.sampler=frozen", "concept.eta=0.6"], (0, 1, 2)),
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                            "train.sampler=frozen", "concept.eta=0.75"], (0, 1, 2)),
+    **at_seeds(f"{FROZEN_OWN}, eta 0.5", [*FROZEN_OWN_OVERRIDES, "concept.eta=0.5"], (0, 1, 2)),
+    **at_seeds(f"{FROZEN_OWN}, eta 0.6", [*FROZEN_OWN_OVERRIDES, "concept.eta=0.6"], (0, 1, 2)),
+    **at_seeds(f"{FROZEN_OWN}, eta 0.75", [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75"], (0, 1, 2)),
     # ... at eta 0.75 with the other colours at weight 10, at the seeds where they were lost at weight 3
     **at_seeds("robust, concept tokens, own context, preserve 10 own, attack steps 20, synonyms kept, frozen sampler, "
                "eta 0.75", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_weight=10", "concept.preserve_on=own",
                             "{synonyms}", "train.sampler=frozen", "concept.eta=0.75"], (1, 2)),
     # ... at eta 0.75 with a LoRA of rank 2 or 1 (at seed 1, where rank 4 lost a colour): rank 16 lost more of the
     # other colours than rank 4, so fewer directions of the text states moved may leave the colours beside red
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "eta 0.75, rank 2", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                                    "train.sampler=frozen", "concept.eta=0.75", "adapter.rank=2", "adapter.alpha=2"],
-               (1,)),
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "eta 0.75, rank 1", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                                    "train.sampler=frozen", "concept.eta=0.75", "adapter.rank=1", "adapter.alpha=1"],
-               (1,)),
+    **at_seeds(f"{FROZEN_OWN}, eta 0.75, rank 2",
+               [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "adapter.rank=2", "adapter.alpha=2"], (1,)),
+    **at_seeds(f"{FROZEN_OWN}, eta 0.75, rank 1",
+               [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "adapter.rank=1", "adapter.alpha=1"], (1,)),
     # ... at eta 0.75 with textual inversion alone as the attacker: whether the soft prompt, which starts from a
     # random word (a colour's at seeds 1 and 2), is what moves the other colours
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "eta 0.75, ti only", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                                     "train.sampler=frozen", "concept.eta=0.75", "attack.methods=[ti]"], (1,)),
+    **at_seeds(f"{FROZEN_OWN}, eta 0.75, ti only", [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "attack.methods=[ti]"],
+               (1,)),
     # ... with each attacker's prompt pulled to what the base draws under it less red (attack.target=attacker), so
     # that what its tokens say besides red (the neighbours they drifted to) is kept
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "attacker target", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                                   "train.sampler=frozen", "attack.target=attacker"]),
+    **at_seeds(f"{FROZEN_OWN}, attacker target", [*FROZEN_OWN_OVERRIDES, "attack.target=attacker"]),
     # ... with the concept's words at eta 0.5 and the attackers' prompts at eta 1: a gentler push for the words that
     # other colours' prompts share, the full one where an attacker has found red
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "eta 0.5, attack eta 1", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                                         "train.sampler=frozen", "concept.eta=0.5", "attack.eta=1"]),
+    **at_seeds(f"{FROZEN_OWN}, eta 0.5, attack eta 1", [*FROZEN_OWN_OVERRIDES, "concept.eta=0.5", "attack.eta=1"]),
     # ... with the LoRA on the queries and outputs of cross-attention too (esd-x), where softmax makes the
     # UNet's use of the text states nonlinear
     **at_seeds("robust, esd-x, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, "
                "frozen sampler", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
                                   "train.sampler=frozen", "adapter.targets=esd-x"]),
     # ... with the base sampling every 4 steps instead of 12, three times as many of the other colours' own images
-    **at_seeds("robust, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, frozen sampler, "
-               "refresh 4", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                             "train.sampler=frozen", "train.refresh_every=4"]),
+    **at_seeds(f"{FROZEN_OWN}, refresh 4", [*FROZEN_OWN_OVERRIDES, "train.refresh_every=4"]),
     # ... and the attack-steps-20 recipe with the base's samples alone, the other colours kept on the concept's latents
     **at_seeds("robust, concept tokens, own context, preserve 3, attack steps 20, frozen sampler",
                [*OWN_PRESERVE_3, *STEPS_20, "train.sampler=frozen"]),
