@@ -221,6 +221,10 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # random word (a colour's at seeds 1 and 2), is what moves the other colours
     **at_seeds(f"{FROZEN_OWN}, eta 0.75, ti only", [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "attack.methods=[ti]"],
                (1,)),
+    # ... at eta 0.75 without the two checkered contexts: at seed 1 orange was lost most in checkered squares (drawn
+    # yellow there, in the trained "an image of a amber checkered square" too)
+    **at_seeds(f"{FROZEN_OWN}, eta 0.75, no checkered contexts",
+               [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "{no checkered}"], (0, 1, 2, 3)),
     # ... with each attacker's prompt pulled to what the base draws under it less red (attack.target=attacker), so
     # that what its tokens say besides red (the neighbours they drifted to) is kept
     **at_seeds(f"{FROZEN_OWN}, attacker target", [*FROZEN_OWN_OVERRIDES, "attack.target=attacker"]),
@@ -307,7 +311,7 @@ def trained(concept: str, name: str, overrides: list[str]) -> Path:
     """A run of the concept's robust recipe with overrides, trained once (cached)."""
     run = WORK / concept / name
     if not (run / "summary.json").exists():
-        placeholders = {"{synonyms}": synonyms_kept, "{kind contexts}": kind_contexts}
+        placeholders = {"{synonyms}": synonyms_kept, "{kind contexts}": kind_contexts, "{no checkered}": unchecked}
         overrides = [placeholders[o](concept) if o in placeholders else o for o in overrides]
         esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides, f"output.dir={run}",
                  "--overwrite", "--quiet")
@@ -331,6 +335,14 @@ def kind_contexts(concept: str) -> str:
 
     contexts = load_recipe(ROOT / "recipes" / "toy" / f"{kind_of(concept)}.yaml").concept.contexts
     return f"concept.contexts={json.dumps(contexts)}"
+
+
+def unchecked(concept: str) -> str:
+    """The override that trains in the robust recipe's contexts less its checkered ones (14 of 16)."""
+    from esd_lora.recipe import load_recipe
+
+    contexts = load_recipe(ROOT / "recipes" / "toy" / f"{concept}_robust.yaml").concept.contexts
+    return f"concept.contexts={json.dumps([c for c in contexts if 'checkered' not in c and 'chequered' not in c])}"
 
 
 def classic_run(concept: str, lr: str) -> Path:
