@@ -234,8 +234,7 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... with the LoRA on the queries and outputs of cross-attention too (esd-x), where softmax makes the
     # UNet's use of the text states nonlinear
     **at_seeds("robust, esd-x, concept tokens, own context, preserve 3 own, attack steps 20, synonyms kept, "
-               "frozen sampler", [*OWN_PRESERVE_3, *STEPS_20, "concept.preserve_on=own", "{synonyms}",
-                                  "train.sampler=frozen", "adapter.targets=esd-x"]),
+               "frozen sampler", [*FROZEN_OWN_OVERRIDES, "adapter.targets=esd-x"]),
     # ... with the base sampling every 4 steps instead of 12, three times as many of the other colours' own images
     **at_seeds(f"{FROZEN_OWN}, refresh 4", [*FROZEN_OWN_OVERRIDES, "train.refresh_every=4"]),
     # ... and the attack-steps-20 recipe with the base's samples alone, the other colours kept on the concept's latents
