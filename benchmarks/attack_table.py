@@ -10,10 +10,11 @@ differ only in what is compared:
   the concept's rows retrained beside its K/V LoRA (BASELINE and PLAIN: the kind recipes colour.yaml and
   shape.yaml as they were when the table was measured), trained here;
 - `classic`: classic ESD (`adapter: none`: the esd-x cross-attention weights themselves, Adam) from the
-  same baseline, trained here at its best lr: for the first concept, each of CLASSIC_LRS is trained and
-  measured by `esd-lora eval` (default prompts, 16 images each), and the lr with the lowest worst-case
-  detection of the concept among those keeping the other concepts at >= 90 % of base wins (the lowest
-  detection if none does); the other concepts use that lr. The chosen run is merged.
+  same baseline on the red recipe as it was before it took its current sampling and preservation
+  (AS_MEASURED, as for the module variants), trained here at its best lr: for the first concept, each of
+  CLASSIC_LRS is trained and measured by `esd-lora eval` (default prompts, 16 images each), and the lr with the
+  lowest worst-case detection of the concept among those keeping the other concepts at >= 90 % of base wins
+  (the lowest detection if none does); the other concepts use that lr. The chosen run is merged.
 Each is attacked by `esd-lora attack` with the same seeds, images and budgets (400 steps): textual inversion
 at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the prompt search; each robust
 erasure (`robust` and the module variants below) also with settings its training never used (another initial
@@ -56,6 +57,11 @@ OTHER_WORD = {"red": "blue", "star": "circle"}
 BASELINE = {"red": ["attack.methods=[]", "concept.erase_from=['']"],
             "star": ["attack.methods=[]", "concept.erase_from=['']", "concept.eta=2"]}
 PLAIN = ["adapter.concept_tokens=true"]
+# classic ESD and MODULES' variants train from red_robust.yaml as it was when they were measured (eta 1, the
+# adapter's own samples, the colours' names alone preserved on the concept's samples); the recipe has since taken
+# the variant "<FROZEN_OWN>, eta 0.75", which these overrides leave as it was measured
+AS_MEASURED = {"red": ["concept.eta=1.0", "train.sampler=trained", "concept.preserve_on=erased",
+                       "concept.preserve=[red, orange, yellow, green, cyan, blue, purple, white]"], "star": []}
 ATTACKS = {
     "ti, lr 5e-3": ["--method", "ti", "--lr", "5e-3"],
     "ti, lr 5e-2": ["--method", "ti", "--lr", "5e-2"],
@@ -225,6 +231,10 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # yellow there, in the trained "an image of a amber checkered square" too)
     **at_seeds(f"{FROZEN_OWN}, eta 0.75, no checkered contexts",
                [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "{no checkered}"], (0, 1, 2, 3)),
+    # ... at eta 0.75 with the base sampling every 4 steps instead of 12: each run trains on three times as many of
+    # the other colours' samples, and a seed's outcome was decided by which ones its steps drew
+    **at_seeds(f"{FROZEN_OWN}, eta 0.75, refresh 4",
+               [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "train.refresh_every=4"], (1,)),
     # ... with each attacker's prompt pulled to what the base draws under it less red (attack.target=attacker), so
     # that what its tokens say besides red (the neighbours they drifted to) is kept
     **at_seeds(f"{FROZEN_OWN}, attacker target", [*FROZEN_OWN_OVERRIDES, "attack.target=attacker"]),
@@ -345,8 +355,8 @@ def unchecked(concept: str) -> str:
 
 
 def classic_run(concept: str, lr: str) -> Path:
-    return trained(concept, f"classic_lr{lr}", [*BASELINE[concept], "adapter=none", "adapter.targets=esd-x",
-                                                "train.optimizer=adam", f"train.lr={lr}"])
+    return trained(concept, f"classic_lr{lr}", [*AS_MEASURED[concept], *BASELINE[concept], "adapter=none",
+                                                "adapter.targets=esd-x", "train.optimizer=adam", f"train.lr={lr}"])
 
 
 def classic_sweep(concept: str) -> dict[str, dict]:
@@ -405,7 +415,7 @@ def erasure_args(concept: str, variant: str, sweep_concept: str) -> list[str]:
     if variant == "robust":
         return ["--adapter", f"adapters/{concept}_robust"]
     if variant in MODULES:
-        return ["--adapter", str(trained(concept, run_name(variant), MODULES[variant]))]
+        return ["--adapter", str(trained(concept, run_name(variant), [*AS_MEASURED[concept], *MODULES[variant]]))]
     return ["--erased-model", str(classic_model(concept, sweep_concept))]
 
 
@@ -456,7 +466,7 @@ def training_times(concept: str, steps: int | None, variant: str) -> dict[str, f
     steps or the recipes' own, back to back (run it alone on the machine: the ratio is the robust erasure's
     cost)."""
     out = {}
-    robust = [] if variant == "robust" else MODULES[variant]
+    robust = [] if variant == "robust" else [*AS_MEASURED[concept], *MODULES[variant]]
     for name, overrides in (("plain", [*BASELINE[concept], *PLAIN]), ("robust", robust)):
         started = time.time()
         esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides,
