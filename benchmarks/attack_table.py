@@ -10,11 +10,12 @@ differ only in what is compared:
   the concept's rows retrained beside its K/V LoRA (BASELINE and PLAIN: the kind recipes colour.yaml and
   shape.yaml as they were when the table was measured), trained here;
 - `classic`: classic ESD (`adapter: none`: the esd-x cross-attention weights themselves, Adam) from the
-  same baseline on the red recipe as it was before it took its current sampling and preservation
-  (AS_MEASURED, as for the module variants), trained here at its best lr: for the first concept, each of
-  CLASSIC_LRS is trained and measured by `esd-lora eval` (default prompts, 16 images each), and the lr with the
-  lowest worst-case detection of the concept among those keeping the other concepts at >= 90 % of base wins
-  (the lowest detection if none does); the other concepts use that lr. The chosen run is merged.
+  same baseline (for red with AS_MEASURED, as the module variants; the published column was trained when
+  red_robust.yaml still preserved the other colours at weight 1), trained here at its best lr: for the first
+  concept, each of CLASSIC_LRS is trained and measured by `esd-lora eval` (default prompts, 16 images each),
+  and the lr with the lowest worst-case detection of the concept among those keeping the other concepts at
+  >= 90 % of base wins (the lowest detection if none does); the other concepts use that lr. The chosen run is
+  merged.
 Each is attacked by `esd-lora attack` with the same seeds, images and budgets (400 steps): textual inversion
 at lr 5e-3 and 5e-2 from the concept's own word, a 4-token soft prompt, and the prompt search; each robust
 erasure (`robust` and the module variants below) also with settings its training never used (another initial
@@ -57,9 +58,9 @@ OTHER_WORD = {"red": "blue", "star": "circle"}
 BASELINE = {"red": ["attack.methods=[]", "concept.erase_from=['']"],
             "star": ["attack.methods=[]", "concept.erase_from=['']", "concept.eta=2"]}
 PLAIN = ["adapter.concept_tokens=true"]
-# classic ESD and MODULES' variants train from red_robust.yaml as it was when they were measured (eta 1, the
-# adapter's own samples, the colours' names alone preserved on the concept's samples); the recipe has since taken
-# the variant "<FROZEN_OWN>, eta 0.75", which these overrides leave as it was measured
+# the four settings red_robust.yaml changed when it took the variant "<FROZEN_OWN>, eta 0.75", set back for classic
+# ESD and MODULES' variants so that they train as before that change (eta 1, the adapter's own samples, the colours'
+# names alone preserved on the concept's samples); variants that set them still train as they were measured
 AS_MEASURED = {"red": ["concept.eta=1.0", "train.sampler=trained", "concept.preserve_on=erased",
                        "concept.preserve=[red, orange, yellow, green, cyan, blue, purple, white]"], "star": []}
 ATTACKS = {
