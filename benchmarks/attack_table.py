@@ -355,6 +355,11 @@ def unchecked(concept: str) -> str:
     return f"concept.contexts={json.dumps([c for c in contexts if 'checkered' not in c and 'chequered' not in c])}"
 
 
+def variant_overrides(concept: str, variant: str) -> list[str]:
+    """A module variant's overrides of the robust recipe, on the settings it was measured from (AS_MEASURED)."""
+    return [*AS_MEASURED[concept], *MODULES[variant]]
+
+
 def classic_run(concept: str, lr: str) -> Path:
     return trained(concept, f"classic_lr{lr}", [*AS_MEASURED[concept], *BASELINE[concept], "adapter=none",
                                                 "adapter.targets=esd-x", "train.optimizer=adam", f"train.lr={lr}"])
@@ -416,7 +421,7 @@ def erasure_args(concept: str, variant: str, sweep_concept: str) -> list[str]:
     if variant == "robust":
         return ["--adapter", f"adapters/{concept}_robust"]
     if variant in MODULES:
-        return ["--adapter", str(trained(concept, run_name(variant), [*AS_MEASURED[concept], *MODULES[variant]]))]
+        return ["--adapter", str(trained(concept, run_name(variant), variant_overrides(concept, variant)))]
     return ["--erased-model", str(classic_model(concept, sweep_concept))]
 
 
@@ -467,7 +472,7 @@ def training_times(concept: str, steps: int | None, variant: str) -> dict[str, f
     steps or the recipes' own, back to back (run it alone on the machine: the ratio is the robust erasure's
     cost)."""
     out = {}
-    robust = [] if variant == "robust" else [*AS_MEASURED[concept], *MODULES[variant]]
+    robust = [] if variant == "robust" else variant_overrides(concept, variant)
     for name, overrides in (("plain", [*BASELINE[concept], *PLAIN]), ("robust", robust)):
         started = time.time()
         esd_lora("train", f"recipes/toy/{concept}_robust.yaml", f"name={concept}", *overrides,
