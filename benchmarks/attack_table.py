@@ -55,14 +55,16 @@ OTHER_WORD = {"red": "blue", "star": "circle"}
 # plain and classic ESD: the robust recipe without its attackers, ESD's neutral prompt each context without the
 # concept (shapes at eta 2), as recipes/toy/colour.yaml and shape.yaml were when this table was measured;
 # plain also retrains the concept's rows beside its K/V LoRA (the kind recipes have since kept the rows alone)
-BASELINE = {"red": ["attack.methods=[]", "concept.erase_from=['']"],
+BASELINE = {"red": ["attack.methods=[]", "attack.new_words=false", "concept.erase_from=['']"],
             "star": ["attack.methods=[]", "concept.erase_from=['']", "concept.eta=2"]}
 PLAIN = ["adapter.concept_tokens=true"]
-# the four settings red_robust.yaml changed when it took the variant "<FROZEN_OWN>, eta 0.75", set back for classic
-# ESD and MODULES' variants so that they train as before that change (eta 1, the adapter's own samples, the colours'
-# names alone preserved on the concept's samples); variants that set them still train as they were measured
+# the settings red_robust.yaml changed when it took the variants "<FROZEN_OWN>, eta 0.75" and then "…, new words",
+# set back for classic ESD and MODULES' variants so that they train as before those changes (eta 1, the adapter's
+# own samples, the colours' names alone preserved on the concept's samples, the soft prompt restarted from the same
+# words); variants that set them still train as they were measured
 AS_MEASURED = {"red": ["concept.eta=1.0", "train.sampler=trained", "concept.preserve_on=erased",
-                       "concept.preserve=[red, orange, yellow, green, cyan, blue, purple, white]"], "star": []}
+                       "concept.preserve=[red, orange, yellow, green, cyan, blue, purple, white]",
+                       "attack.new_words=false"], "star": []}
 ATTACKS = {
     "ti, lr 5e-3": ["--method", "ti", "--lr", "5e-3"],
     "ti, lr 5e-2": ["--method", "ti", "--lr", "5e-2"],
@@ -236,6 +238,14 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # the other colours' samples, and a seed's outcome was decided by which ones its steps drew
     **at_seeds(f"{FROZEN_OWN}, eta 0.75, refresh 4",
                [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "train.refresh_every=4"], (1,)),
+    # ... at eta 0.75 with attackers of two tokens each: the audit's two-token textual inversion and its four-token
+    # soft prompt got furthest against the one-token attackers it trained under
+    **at_seeds(f"{FROZEN_OWN}, eta 0.75, 2 tokens", [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "attack.tokens=2"],
+               (0,)),
+    # ... at eta 0.75 with the soft prompt restarted from new random words each time: the audit's soft prompt found
+    # red again from some starting words (audit seeds 3, 4 and 9)
+    **at_seeds(f"{FROZEN_OWN}, eta 0.75, new words",
+               [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "attack.new_words=true"], (0, 1, 2)),
     # ... with each attacker's prompt pulled to what the base draws under it less red (attack.target=attacker), so
     # that what its tokens say besides red (the neighbours they drifted to) is kept
     **at_seeds(f"{FROZEN_OWN}, attacker target", [*FROZEN_OWN_OVERRIDES, "attack.target=attacker"]),
