@@ -245,7 +245,7 @@ MODULES = {  # the robust recipe with other trained modules than cross-attention
     # ... at eta 0.75 with the soft prompt restarted from new random words each time: the audit's soft prompt found
     # red again from some starting words (audit seeds 3, 4 and 9)
     **at_seeds(f"{FROZEN_OWN}, eta 0.75, new words",
-               [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "attack.new_words=true"], (0, 1, 2)),
+               [*FROZEN_OWN_OVERRIDES, "concept.eta=0.75", "attack.new_words=true"]),
     # ... with each attacker's prompt pulled to what the base draws under it less red (attack.target=attacker), so
     # that what its tokens say besides red (the neighbours they drifted to) is kept
     **at_seeds(f"{FROZEN_OWN}, attacker target", [*FROZEN_OWN_OVERRIDES, "attack.target=attacker"]),
